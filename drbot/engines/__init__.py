@@ -1,0 +1,1 @@
+"""Database engines: dump, load and fingerprint a source."""

@@ -1,0 +1,142 @@
+"""The Engine protocol and the values engines exchange with the rest of drbot."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class TableFingerprint:
+    """What one table (or collection) looked like: row count and an order-independent checksum.
+
+    `checksum` is hex; `columns` is the engine's column list used to recompute it after a restore
+    (for PostgreSQL the quoted column list of the dump's COPY statement).
+    """
+
+    rows: int
+    checksum: str
+    columns: str = ""
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Per-table fingerprints of one database, keyed by qualified name ('public.orders')."""
+
+    tables: dict[str, TableFingerprint] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, dict[str, object]]:
+        return {
+            name: {"rows": t.rows, "checksum": t.checksum, "columns": t.columns}
+            for name, t in sorted(self.tables.items())
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, dict[str, object]]) -> Fingerprint:
+        return cls(
+            tables={
+                name: TableFingerprint(
+                    rows=int(str(t["rows"])),
+                    checksum=str(t["checksum"]),
+                    columns=str(t.get("columns", "")),
+                )
+                for name, t in data.items()
+            }
+        )
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """One difference between an expected and an actual fingerprint, for reports."""
+
+    table: str
+    problem: str  # "missing" | "unexpected" | "rows" | "checksum"
+    expected: str
+    actual: str
+
+
+def compare_fingerprints(expected: Fingerprint, actual: Fingerprint) -> list[Mismatch]:
+    """Every difference between two fingerprints, sorted by table name (empty means identical)."""
+    out: list[Mismatch] = []
+    for name in sorted(set(expected.tables) | set(actual.tables)):
+        exp, act = expected.tables.get(name), actual.tables.get(name)
+        if act is None and exp is not None:
+            out.append(Mismatch(name, "missing", f"{exp.rows} rows", "absent"))
+        elif exp is None and act is not None:
+            out.append(Mismatch(name, "unexpected", "absent", f"{act.rows} rows"))
+        elif exp is not None and act is not None:
+            if exp.rows != act.rows:
+                out.append(Mismatch(name, "rows", str(exp.rows), str(act.rows)))
+            elif exp.checksum != act.checksum:
+                out.append(Mismatch(name, "checksum", exp.checksum[:16], act.checksum[:16]))
+    return out
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What a probe learned about a source."""
+
+    server_version: str
+    databases: tuple[str, ...]
+
+
+class DumpStream(Protocol):
+    """One artifact's worth of dump output, produced once and read once.
+
+    `chunks()` may be iterated only once; it starts the dump tool and yields its output as it
+    comes. When the tool fails it raises `SourceUnavailable` (cannot connect) or `DatabaseError`
+    (anything else, with the tool's own message) after the last chunk, so a failed dump can never
+    look complete. If the consumer stops early (closes the generator), the tool is killed.
+    `fingerprint()` is valid after `chunks()` is exhausted; None for artifacts without table data.
+    """
+
+    name: str
+    """Artifact name, unique within a backup (e.g. 'globals.sql', 'db/shop.pgdump')."""
+
+    kind: str
+    """What the bytes are: 'pg_globals' (SQL script) or 'pg_dump' (custom-format archive)."""
+
+    database: str | None
+
+    def chunks(self) -> Iterator[bytes]: ...
+
+    def fingerprint(self) -> Fingerprint | None: ...
+
+
+class Engine(Protocol):
+    """A database kind: how to probe, dump, load and fingerprint it.
+
+    Errors: `SourceUnavailable` when the database (source or restore target) cannot be
+    reached; `DatabaseError` when the database or its tool reports a failure; nothing from
+    psycopg or subprocess escapes.
+    """
+
+    def probe(self) -> SourceInfo:
+        """Connect to the source and report its version and the databases a backup will cover."""
+        ...
+
+    def full_dumps(self) -> list[DumpStream]:
+        """The artifacts of one full backup, in the order they should be produced."""
+        ...
+
+    def target_is_empty(self, target_uri: str) -> bool:
+        """Whether the target database holds no user tables, views, sequences or functions."""
+        ...
+
+    def load(
+        self, kind: str, chunks: Iterable[bytes], target_uri: str, *, replace: bool = False
+    ) -> None:
+        """Load one artifact into the target, all or nothing (one transaction).
+
+        With `replace`, objects of the dump that already exist in the target are dropped first,
+        inside the same transaction.
+
+        If `chunks` raises (corrupt object, wrong key) or the database refuses, the target is
+        left exactly as it was and the error propagates (translated to drbot's errors).
+        """
+        ...
+
+    def fingerprint_target(self, target_uri: str, expected: Fingerprint) -> Fingerprint:
+        """Recompute, in the target, the fingerprint of every table named in `expected`."""
+        ...

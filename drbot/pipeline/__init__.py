@@ -1,0 +1,1 @@
+"""The byte pipeline: compression, the encrypted stream format and key providers."""

@@ -1,0 +1,1 @@
+"""Destinations: where encrypted artifacts and manifests are stored."""
