@@ -124,13 +124,32 @@ class Engine(Protocol):
         """Whether the target database holds no user tables, views, sequences or functions."""
         ...
 
+    def prepare_target(self, target_uri: str) -> bool:
+        """Create the target database if it does not exist; True if this call created it."""
+        ...
+
+    def drop_target(self, target_uri: str) -> None:
+        """Drop the target database (undoes `prepare_target` after a failed restore)."""
+        ...
+
+    def apply_globals(self, chunks: Iterable[bytes], target_uri: str) -> list[str]:
+        """Apply a globals artifact (roles...) best effort; returns warnings, e.g. roles that exist."""
+        ...
+
     def load(
-        self, kind: str, chunks: Iterable[bytes], target_uri: str, *, replace: bool = False
+        self,
+        kind: str,
+        chunks: Iterable[bytes],
+        target_uri: str,
+        *,
+        replace: bool = False,
+        no_owner: bool = False,
     ) -> None:
         """Load one artifact into the target, all or nothing (one transaction).
 
         With `replace`, objects of the dump that already exist in the target are dropped first,
-        inside the same transaction.
+        inside the same transaction. With `no_owner`, ownership and privileges are not restored
+        (for targets that lack the source's roles).
 
         If `chunks` raises (corrupt object, wrong key) or the database refuses, the target is
         left exactly as it was and the error propagates (translated to drbot's errors).

@@ -1,0 +1,34 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both set everything up first.
+.PHONY: demo test check lint typecheck unit contract integration e2e lock bootstrap clean
+
+VENV := .venv/bin
+PYTEST_ARGS ?=
+
+bootstrap:
+	./scripts/bootstrap.sh
+
+demo: bootstrap
+	$(VENV)/drbot demo
+
+test: bootstrap check
+	$(VENV)/pytest $(PYTEST_ARGS)
+
+check: lint typecheck
+
+lint:
+	$(VENV)/ruff check drbot tests
+	$(VENV)/ruff format --check drbot tests
+
+typecheck:
+	$(VENV)/mypy
+
+unit contract integration e2e: bootstrap
+	$(VENV)/pytest tests/$@ $(PYTEST_ARGS)
+
+# Regenerate the lock files after changing dependencies in pyproject.toml.
+lock:
+	$(VENV)/pip-compile -q --no-emit-index-url --no-emit-find-links --generate-hashes --strip-extras --allow-unsafe -o requirements.lock pyproject.toml
+	$(VENV)/pip-compile -q --no-emit-index-url --no-emit-find-links --generate-hashes --strip-extras --allow-unsafe --extra dev -o requirements-dev.lock pyproject.toml
+
+clean:
+	rm -rf .venv drbot-demo .mypy_cache .ruff_cache .pytest_cache

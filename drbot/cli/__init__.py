@@ -1,0 +1,1 @@
+"""The drbot command: one module per subcommand; the only layer that prints or exits."""

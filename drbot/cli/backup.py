@@ -1,0 +1,89 @@
+"""drbot backup: take a full backup of one policy's source now."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from drbot.cli import build
+from drbot.cli.common import (
+    find_policy,
+    human_bytes,
+    json_option,
+    load_settings,
+    policies_option,
+    print_json,
+    progress_bar,
+)
+from drbot.clock import SystemClock
+from drbot.errors import PartialFailure
+from drbot.ops.backup import run_backup
+from drbot.ops.lock import policy_lock
+
+
+@click.command("backup")
+@click.option("--policy", "policy_name", required=True, help="Name of the policy to back up.")
+@click.option(
+    "--type",
+    "backup_type",
+    type=click.Choice(["full"]),
+    default="full",
+    show_default=True,
+    help="Kind of backup (incrementals come with WAL / change-stream streaming).",
+)
+@policies_option
+@json_option
+def command(
+    policy_name: str, backup_type: str, policies_dir: Path | None, as_json: bool
+) -> None:
+    """Take a full backup now: dump, compress, encrypt, store in every destination, verify.
+
+    The database is read once; every destination receives the same encrypted stream. The
+    backup exists (for list, verify and restore) only once its manifest is written, after
+    every stored object has been read back and checked.
+
+    \b
+    Example:
+      drbot backup --policy shop
+    Exit 3 if some destinations failed but at least one holds a complete copy.
+    """
+    settings = load_settings(policies_dir)
+    policy = find_policy(settings, policy_name)
+    storages = build.build_storages(policy)
+    keys = build.build_keys(policy)
+    engine = build.build_engine(policy)
+    with policy_lock(settings.state_dir, policy.name), progress_bar() as progress:
+        result = run_backup(
+            build.backup_settings(policy), engine, storages, keys, SystemClock(), progress=progress
+        )
+    duration = (result.completed_at - result.started_at).total_seconds()
+    if as_json:
+        print_json(
+            {
+                "id": result.backup_id,
+                "policy": policy.name,
+                "type": backup_type,
+                "started_at": result.started_at.isoformat(),
+                "completed_at": result.completed_at.isoformat(),
+                "size_bytes": result.plaintext_bytes,
+                "stored_bytes": result.stored_bytes,
+                "destinations": list(result.destinations_ok),
+                "failed_destinations": result.destinations_failed,
+                "databases": list(result.databases),
+            }
+        )
+    else:
+        stored = max(result.stored_bytes.values(), default=0)
+        click.echo(
+            f"Backup {result.backup_id} of {policy.name}: {len(result.databases)} database(s), "
+            f"{human_bytes(result.plaintext_bytes)} dumped, {human_bytes(stored)} stored "
+            f"encrypted in {', '.join(result.destinations_ok)} ({duration:.1f}s)"
+        )
+    if result.partial:
+        failed = "; ".join(f"{d}: {why}" for d, why in result.destinations_failed.items())
+        raise PartialFailure(
+            f"backup {result.backup_id} is complete in {', '.join(result.destinations_ok)} "
+            f"but failed in: {failed}",
+            hint="fix the failed destination; the next backup will write to it again",
+        )

@@ -1,0 +1,63 @@
+"""Turn a validated policy into the objects the core works with (the only place that does)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drbot.engines.base import Engine
+from drbot.errors import PolicyInvalid
+from drbot.ops.backup import BackupSettings
+from drbot.pipeline.keyref import key_provider_from_ref
+from drbot.pipeline.keys import KeyProvider
+from drbot.storage.base import ObjectLock, Storage
+from drbot.storage.open import open_storage
+
+
+def build_storages(policy: Any) -> list[Storage]:
+    out: list[Storage] = []
+    for d in policy.destinations:
+        lock = (
+            ObjectLock(mode=d.object_lock.mode, days=d.object_lock.days)
+            if d.object_lock is not None
+            else None
+        )
+        out.append(
+            open_storage(
+                d.name, d.url, region=d.region, endpoint_url=d.endpoint_url, object_lock=lock
+            )
+        )
+    return out
+
+
+def build_keys(policy: Any) -> KeyProvider:
+    return key_provider_from_ref(policy.encryption.key_ref)
+
+
+def build_engine(policy: Any) -> Engine:
+    if policy.source.kind != "postgresql":
+        raise PolicyInvalid(
+            f"{policy.name}: source.kind {policy.source.kind!r} is not supported yet",
+            hint="MongoDB support is being built; use a postgresql source for now",
+        )
+    from drbot.engines.postgres.engine import PostgresEngine
+
+    return PostgresEngine(
+        policy.source.uri, policy.source.databases, bin_dir=policy.source.bin_dir
+    )
+
+
+def build_target_engine(policy: Any, target_uri: str) -> Engine:
+    """An engine for restores into `target_uri` (same kind and tools as the policy's source)."""
+    from drbot.engines.postgres.engine import PostgresEngine
+
+    return PostgresEngine(target_uri, None, bin_dir=policy.source.bin_dir)
+
+
+def backup_settings(policy: Any) -> BackupSettings:
+    return BackupSettings(
+        policy=policy.name,
+        engine_name=policy.source.kind,
+        mode=policy.source.mode,
+        compression_level=policy.compression.level,
+        compression_threads=policy.compression.threads,
+    )

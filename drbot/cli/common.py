@@ -1,0 +1,128 @@
+"""What every command shares: settings, policy lookup, building the objects a policy names,
+output helpers and progress display."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
+
+from drbot import log as drbot_log
+from drbot.errors import PolicyInvalid, UsageError
+from drbot.settings import Settings
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+stderr = Console(stderr=True, highlight=False)
+
+
+def policies_option(func: F) -> F:
+    """--policies DIR on every command (default: $DRBOT_POLICIES or ./policies)."""
+    return click.option(
+        "--policies",
+        "policies_dir",
+        type=click.Path(path_type=Path, file_okay=False),
+        default=None,
+        help="Directory of policy files [default: $DRBOT_POLICIES or ./policies].",
+    )(func)
+
+
+def json_option(func: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")(
+        func
+    )
+
+
+def load_settings(policies_dir: Path | None = None) -> Settings:
+    """Settings from the environment; `--policies` wins over DRBOT_POLICIES."""
+    settings = Settings()
+    if policies_dir is not None:
+        settings = settings.model_copy(update={"policies": policies_dir})
+    drbot_log.configure(settings.log_level, settings.log_format)
+    return settings
+
+
+def load_policies(settings: Settings) -> list[Any]:
+    from drbot.policy.load import load_policies as _load
+
+    return _load(settings.policies, os.environ)
+
+
+def find_policy(settings: Settings, name: str) -> Any:
+    """The policy called `name` in the policies directory; every policy file must be valid."""
+    from drbot.policy.load import load_policies as _load
+
+    policies = _load(settings.policies, os.environ)
+    for p in policies:
+        if p.name == name:
+            return p
+    known = ", ".join(sorted(p.name for p in policies)) or "none"
+    raise PolicyInvalid(
+        f"no policy named {name!r} in {settings.policies} (policies: {known})",
+        hint="--policies DIR points at another directory",
+    )
+
+
+def print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def confirm(question: str, *, yes: bool) -> None:
+    """Ask before doing something with consequences; refuse when nobody can answer."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise UsageError(
+            "refusing to write without confirmation: standard input is not a terminal",
+            hint="add --yes to confirm non-interactively",
+        )
+    if not click.confirm(question, default=False, err=True):
+        raise click.exceptions.Abort()
+
+
+@contextmanager
+def progress_bar(enabled: bool = True) -> Iterator[Callable[[str, int], None]]:
+    """A callback (label, bytes so far) drawn as progress bars on a terminal; silent otherwise."""
+    if not (enabled and sys.stderr.isatty()):
+        yield lambda _label, _n: None
+        return
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeElapsedColumn(),
+        console=stderr,
+        transient=True,
+    ) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(label: str, n: int) -> None:
+            if label not in tasks:
+                tasks[label] = bar.add_task(label, total=None)
+            bar.update(tasks[label], completed=n)
+
+        yield update

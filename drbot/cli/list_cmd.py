@@ -1,0 +1,95 @@
+"""drbot list: the complete backups of one or every policy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from drbot.catalog import CatalogScan, scan_catalog
+from drbot.cli import build
+from drbot.cli.common import (
+    find_policy,
+    human_bytes,
+    json_option,
+    load_policies,
+    load_settings,
+    policies_option,
+    print_json,
+    stderr,
+)
+from drbot.errors import KeyProblem
+
+
+def _rows(policy: Any, scan: CatalogScan) -> list[dict[str, Any]]:
+    rows = []
+    for b in scan.backups:
+        m = b.manifest
+        rows.append(
+            {
+                "id": b.backup_id,
+                "policy": policy.name,
+                "type": m.type,
+                "mode": m.mode,
+                "engine": m.engine,
+                "started_at": m.started_at.isoformat(),
+                "completed_at": m.completed_at.isoformat(),
+                "size_bytes": sum(a.plaintext_bytes for a in m.artifacts),
+                "stored_bytes": m.size_bytes,
+                "destinations": b.destinations,
+                "databases": list(m.databases),
+                "source_version": m.source_version,
+                "key_id": m.key_id,
+            }
+        )
+    return rows
+
+
+@click.command("list")
+@click.option("--policy", "policy_name", default=None, help="Only this policy [default: all].")
+@policies_option
+@json_option
+def command(policy_name: str | None, policies_dir: Path | None, as_json: bool) -> None:
+    """List complete backups: those whose manifest is stored and authenticates.
+
+    Interrupted or still-running backups are not listed (they have no manifest yet).
+
+    \b
+    Examples:
+      drbot list
+      drbot list --policy shop --json
+    """
+    settings = load_settings(policies_dir)
+    policies = [find_policy(settings, policy_name)] if policy_name else load_policies(settings)
+    rows: list[dict[str, Any]] = []
+    for policy in policies:
+        scan = scan_catalog(policy.name, build.build_storages(policy), build.build_keys(policy))
+        for dest, exc in scan.unreachable.items():
+            stderr.print(f"Warning: {policy.name}/{dest} unreachable: {exc}")
+        for p in scan.problems:
+            stderr.print(f"Warning: {p.destination}: backup {p.backup_id} not listed: {p.error}")
+        if not scan.backups and any(isinstance(p.error, KeyProblem) for p in scan.problems):
+            raise next(p.error for p in scan.problems if isinstance(p.error, KeyProblem))
+        rows += _rows(policy, scan)
+    if as_json:
+        print_json(rows)
+        return
+    if not rows:
+        click.echo("No complete backups.")
+        return
+    table = Table(box=None, pad_edge=False)
+    for col in ("POLICY", "ID", "TYPE", "COMPLETED (UTC)", "SIZE", "DESTINATIONS"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r["policy"],
+            r["id"],
+            r["type"],
+            r["completed_at"][:19].replace("T", " "),
+            human_bytes(r["size_bytes"]),
+            ", ".join(r["destinations"]),
+        )
+    Console(width=200).print(table)

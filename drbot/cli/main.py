@@ -1,0 +1,74 @@
+"""Entry point: the `drbot` group, and the one place exceptions become exit codes."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import structlog
+
+from drbot import __version__
+from drbot.cli import backup, demo, keys, list_cmd, policy, restore, verify
+from drbot.errors import DrbotError
+
+log = structlog.get_logger(__name__)
+
+EXIT_UNEXPECTED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog="Exit codes: 0 ok, 1 unexpected, 2 usage, 3 partial, 10 no restore point, "
+    "11 lock held, 12 key problem, 13 integrity failure, 14 database unreachable, "
+    "15 storage unreachable, 16 invalid policy, 20 drill failed, 130 interrupted.",
+)
+@click.version_option(__version__, prog_name="drbot")
+def cli() -> None:
+    """drbot: encrypted, multi-region backups of PostgreSQL that prove they restore.
+
+    \b
+    Start here:
+      drbot demo                            see a whole backup/verify/restore cycle locally
+      drbot policy validate                 check the policies in ./policies
+      drbot backup --policy shop            take a full backup now
+      drbot list --policy shop              what can be restored
+      drbot restore --policy shop --to postgresql://localhost/shop_restored --dry-run
+    """
+
+
+for module in (backup, list_cmd, verify, restore, keys, policy, demo):
+    cli.add_command(module.command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI and exit with drbot's documented exit codes."""
+    try:
+        rc = cli.main(args=argv, prog_name="drbot", standalone_mode=False)
+    except DrbotError as exc:
+        click.echo(f"Error: {exc.message}", err=True)
+        if exc.hint:
+            click.echo(f"Try: {exc.hint}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("Interrupted; nothing incomplete was left looking complete.", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:
+        log.exception("drbot.unexpected_error")
+        click.echo(f"Error: unexpected {exc.__class__.__name__}: {exc}", err=True)
+        click.echo("Try: rerun with DRBOT_LOG_LEVEL=debug and report the output", err=True)
+        sys.exit(EXIT_UNEXPECTED)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""drbot restore: put a backup back into a database (plan, confirm, load, compare)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from drbot.catalog import scan_catalog
+from drbot.cli import build
+from drbot.cli.common import (
+    confirm,
+    find_policy,
+    human_bytes,
+    json_option,
+    load_settings,
+    policies_option,
+    print_json,
+    progress_bar,
+    stderr,
+)
+from drbot.clock import SystemClock
+from drbot.errors import IntegrityFailure, UsageError
+from drbot.log import redact_text
+from drbot.ops.restore import RestorePlan, RestoreResult, execute_restore, plan_restore
+
+
+def _plan_json(plan: RestorePlan) -> dict[str, Any]:
+    return {
+        "policy": plan.policy,
+        "backup_id": plan.backup_id,
+        "database": plan.database,
+        "target": plan.target,
+        "target_state": plan.target_state,
+        "sources": list(plan.sources),
+        "replace": plan.replace,
+        "with_globals": plan.with_globals,
+        "objects": [
+            {"name": a.name, "key": a.key, "size_bytes": a.size_bytes, "sha256": a.sha256}
+            for a in plan.artifacts
+        ],
+        "size_bytes": plan.size_bytes,
+        "tables_to_check": len(plan.expected.tables) if plan.expected else 0,
+    }
+
+
+def _print_plan(plan: RestorePlan) -> None:
+    click.echo(f"Restore plan for policy {plan.policy}:")
+    click.echo(f"  backup      {plan.backup_id} (database {plan.database})")
+    click.echo(f"  read from   {' then '.join(plan.sources)} (next one only if a copy is bad)")
+    click.echo(f"  target      {plan.target} ({plan.target_state})")
+    click.echo("  objects")
+    for a in plan.artifacts:
+        click.echo(f"    {a.key}  {human_bytes(a.size_bytes)}")
+    mode = "drop the backup's objects first, then load" if plan.replace else "load"
+    click.echo(f"  steps       {mode} in one transaction (all or nothing)")
+    if plan.with_globals:
+        click.echo("              apply roles and other globals first (best effort)")
+    checks = len(plan.expected.tables) if plan.expected else 0
+    click.echo(f"              compare {checks} table(s) with the backup's fingerprint")
+
+
+def _result_json(result: RestoreResult) -> dict[str, Any]:
+    return {
+        "backup_id": result.backup_id,
+        "source": result.source,
+        "duration_s": result.duration_s,
+        "fingerprint_checked": result.fingerprint_checked,
+        "tables": result.tables,
+        "mismatches": [m.__dict__ for m in result.mismatches],
+        "warnings": result.warnings,
+        "failed_sources": result.failed_sources,
+    }
+
+
+@click.command("restore")
+@click.option("--policy", "policy_name", required=True, help="Policy whose backup to restore.")
+@click.option(
+    "--to",
+    "target_uri",
+    required=True,
+    help="Target database URI, e.g. postgresql://user@host:5432/shop_restored "
+    "(put a password in PGPASSWORD or ~/.pgpass, not here).",
+)
+@click.option("--backup", "backup_id", default=None, help="Backup id [default: the latest].")
+@click.option(
+    "--from",
+    "from_destination",
+    default=None,
+    help="Read only from this destination [default: first that holds it, then the others].",
+)
+@click.option("--database", default=None, help="Which database of the backup, if it holds several.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and stop; writes nothing.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option(
+    "--replace", is_flag=True, help="Allow a non-empty target: drop the backup's objects first."
+)
+@click.option("--with-globals", is_flag=True, help="Also create roles from the backup (best effort).")
+@click.option("--no-owner", is_flag=True, help="Do not restore ownership and privileges.")
+@policies_option
+@json_option
+def command(
+    policy_name: str,
+    target_uri: str,
+    backup_id: str | None,
+    from_destination: str | None,
+    database: str | None,
+    dry_run: bool,
+    yes: bool,
+    replace: bool,
+    with_globals: bool,
+    no_owner: bool,
+    policies_dir: Path | None,
+    as_json: bool,
+) -> None:
+    """Restore a backup into a PostgreSQL database, all or nothing, then check the data.
+
+    drbot picks the latest complete backup (or --backup ID), reads it from the first destination
+    holding a verified copy, authenticates every byte before it reaches the database, loads it in
+    a single transaction (a corrupt object or a wrong key leaves the target exactly as it was)
+    and compares row counts and checksums of every table with the fingerprint taken at backup
+    time. A missing target database is created (and dropped again if the restore fails); a
+    non-empty one is refused unless --replace.
+
+    \b
+    Examples:
+      drbot restore --policy shop --to postgresql://postgres@localhost/shop_check --dry-run
+      drbot restore --policy shop --to postgresql://postgres@localhost/shop --from replica --yes
+    """
+    settings = load_settings(policies_dir)
+    policy = find_policy(settings, policy_name)
+    storages = build.build_storages(policy)
+    if from_destination is not None and from_destination not in {s.name for s in storages}:
+        names = ", ".join(s.name for s in storages)
+        raise UsageError(f"policy {policy.name} has no destination {from_destination!r} ({names})")
+    scan = scan_catalog(policy.name, storages, build.build_keys(policy))
+    for dest, exc in scan.unreachable.items():
+        stderr.print(f"Warning: destination {dest} unreachable: {exc}")
+    engine = build.build_target_engine(policy, target_uri)
+    state = "empty" if engine.target_is_empty(target_uri) else "not-empty"
+    plan = plan_restore(
+        scan,
+        policy=policy.name,
+        target=redact_text(target_uri),
+        target_state=state,
+        backup_id=backup_id,
+        from_destination=from_destination,
+        database=database,
+        replace=replace,
+        with_globals=with_globals,
+        no_owner=no_owner,
+    )
+    if dry_run:
+        if as_json:
+            print_json({"plan": _plan_json(plan), "dry_run": True})
+        else:
+            _print_plan(plan)
+            click.echo("Dry run: nothing was written.")
+        return
+    if not as_json:
+        _print_plan(plan)
+    confirm(f"Restore backup {plan.backup_id} into {plan.target}?", yes=yes)
+    storages_by_name = {s.name: s for s in storages}
+    with progress_bar() as progress:
+        result = execute_restore(
+            plan, scan, storages_by_name, engine, target_uri, SystemClock(), progress=progress
+        )
+    if as_json:
+        print_json({"plan": _plan_json(plan), "result": _result_json(result)})
+    else:
+        for dest, why in result.failed_sources.items():
+            click.echo(f"Warning: copy in {dest} was not usable: {why}", err=True)
+        for w in result.warnings:
+            click.echo(f"Warning: {w}", err=True)
+        click.echo(
+            f"Restored {plan.backup_id} from {result.source} into {plan.target} "
+            f"in {result.duration_s:.1f}s."
+        )
+        if result.fingerprint_checked and not result.mismatches:
+            click.echo(f"Data check: all {result.tables} table(s) match the backup's fingerprint.")
+        elif not result.fingerprint_checked:
+            click.echo("Data check: the backup has no fingerprint to compare with.")
+    if result.mismatches:
+        lines = "; ".join(
+            f"{m.table}: {m.problem} (expected {m.expected}, got {m.actual})"
+            for m in result.mismatches[:10]
+        )
+        raise IntegrityFailure(
+            f"restored data differs from the backup's fingerprint: {lines}",
+            hint="inspect the target; restore from another destination with --from",
+        )

@@ -1,0 +1,1 @@
+"""Operations: backup, verify, restore, cleanup. They take built objects, never settings."""

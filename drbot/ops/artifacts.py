@@ -1,0 +1,62 @@
+"""Reading an artifact back: bytes from a destination, checked, authenticated, decompressed."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+
+from drbot.errors import IntegrityFailure
+from drbot.manifest import ArtifactRecord
+from drbot.pipeline.compress import decompress_chunks
+from drbot.pipeline.keys import WrappedKey
+from drbot.pipeline.stream import decrypt_chunks
+from drbot.storage.base import Storage
+
+
+def _checked(chunks: Iterable[bytes], rec: ArtifactRecord, where: str) -> Iterator[bytes]:
+    """Pass bytes through; at the end, fail unless size and SHA-256 match the manifest.
+
+    The check fires before the decryptor can release the final frame, so a consumer (such as
+    pg_restore) never sees a complete stream from an object that does not match.
+    """
+    sha = hashlib.sha256()
+    size = 0
+    for chunk in chunks:
+        size += len(chunk)
+        if size > rec.size_bytes:
+            raise IntegrityFailure(f"{where}: longer than the {rec.size_bytes} bytes recorded")
+        sha.update(chunk)
+        yield chunk
+    if size != rec.size_bytes:
+        raise IntegrityFailure(f"{where}: {size} bytes, the manifest records {rec.size_bytes}")
+    if sha.hexdigest() != rec.sha256:
+        raise IntegrityFailure(
+            f"{where}: SHA-256 {sha.hexdigest()[:16]}… does not match the manifest's "
+            f"{rec.sha256[:16]}…"
+        )
+
+
+def read_artifact(
+    storage: Storage, rec: ArtifactRecord, data_key: bytes, wrapped: WrappedKey
+) -> Iterator[bytes]:
+    """The artifact's plaintext (the engine's dump bytes), streamed and fully checked.
+
+    Raises `IntegrityFailure` naming destination and object for any mismatch (size, SHA-256, a
+    frame that fails authentication, a header whose wrapped key differs from the manifest's),
+    `ObjectNotFound` if the object is gone, `StorageUnavailable` if the destination is unreachable.
+    """
+    where = f"{storage.name}:{rec.key}"
+
+    def unwrap(found: WrappedKey) -> bytes:
+        if found != wrapped:
+            raise IntegrityFailure(f"{where}: the object's key header differs from the manifest")
+        return data_key
+
+    try:
+        yield from decompress_chunks(
+            decrypt_chunks(_checked(storage.open(rec.key), rec, where), unwrap)
+        )
+    except IntegrityFailure as exc:
+        if exc.message.startswith(where):
+            raise
+        raise IntegrityFailure(f"{where}: {exc.message}", hint=exc.hint) from exc

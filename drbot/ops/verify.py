@@ -1,0 +1,107 @@
+"""Verify stored backups: download every artifact, check SHA-256, authenticate every frame."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import structlog
+
+from drbot.catalog import scan_catalog
+from drbot.errors import DrbotError, KeyProblem, NoRestorePoint
+from drbot.ops.artifacts import read_artifact
+from drbot.pipeline.keys import KeyProvider
+from drbot.storage.base import Storage
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem found by verify, naming where it is."""
+
+    destination: str
+    backup_id: str
+    key: str
+    problem: str
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What was checked and what was wrong."""
+
+    checked_objects: int = 0
+    checked_bytes: int = 0
+    backups: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    unreachable: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings and not self.unreachable
+
+
+def run_verify(
+    policy: str,
+    storages: Sequence[Storage],
+    keys: KeyProvider,
+    *,
+    backup_id: str | None = None,
+    progress: Callable[[str, str, int], None] | None = None,
+) -> VerifyReport:
+    """Check every (or one) backup of `policy` in each of `storages`.
+
+    Raises `NoRestorePoint` if `backup_id` is given and no destination has it (nor a damaged
+    manifest for it), and `KeyProblem` if no manifest at all opens with the policy key.
+    Everything else wrong is a `Finding` in the report.
+    """
+    scan = scan_catalog(policy, storages, keys)
+    report = VerifyReport(unreachable={d: str(e) for d, e in scan.unreachable.items()})
+    for p in scan.problems:
+        if backup_id is None or p.backup_id == backup_id:
+            report.findings.append(Finding(p.destination, p.backup_id, p.key, str(p.error)))
+    key_problems = [p.error for p in scan.problems if isinstance(p.error, KeyProblem)]
+    if key_problems and not scan.backups:
+        raise key_problems[0]
+    backups = scan.backups
+    if backup_id is not None:
+        backups = [b for b in backups if b.backup_id == backup_id]
+        if not backups and not report.findings:
+            raise NoRestorePoint(f"no backup {backup_id} of policy {policy!r} in the destinations")
+    by_name = {s.name: s for s in storages}
+    checked = 0
+    nbytes = 0
+    for backup in backups:
+        report.backups.append(backup.backup_id)
+        for copy in backup.copies:
+            storage = by_name[copy.destination]
+            for rec in copy.manifest.artifacts:
+                try:
+                    for chunk in read_artifact(
+                        storage, rec, copy.data_key, copy.manifest.wrapped_key
+                    ):
+                        nbytes += len(chunk)
+                        if progress is not None:
+                            progress(copy.destination, rec.name, nbytes)
+                    checked += 1
+                except DrbotError as exc:
+                    report.findings.append(
+                        Finding(copy.destination, backup.backup_id, rec.key, exc.message)
+                    )
+                    log.error(
+                        "verify.failed",
+                        policy=policy,
+                        backup_id=backup.backup_id,
+                        destination=copy.destination,
+                        key=rec.key,
+                        error=exc.message,
+                    )
+    result = VerifyReport(checked, nbytes, report.backups, report.findings, report.unreachable)
+    log.info(
+        "verify.completed",
+        policy=policy,
+        backups=len(result.backups),
+        objects=checked,
+        problems=len(result.findings),
+    )
+    return result

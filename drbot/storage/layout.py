@@ -1,0 +1,81 @@
+"""Object keys: the one place they are built and parsed.
+
+Layout inside a destination (relative to its URL's prefix):
+
+    <policy>/backups/<backup_id>/manifest.json
+    <policy>/backups/<backup_id>/<artifact name>.zst.enc
+
+A backup id is `YYYYMMDDTHHMMSSZ-<6 hex>`: UTC start time plus randomness, so ids sort by time
+and two backups started in the same second never collide.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+MANIFEST_NAME = "manifest.json"
+ARTIFACT_SUFFIX = ".zst.enc"
+_ID_RE = re.compile(r"^(\d{8}T\d{6}Z)-([0-9a-f]{6})$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+
+
+def new_backup_id(at: datetime) -> str:
+    """A fresh sortable backup id for a backup started at `at` (UTC)."""
+    return f"{at.astimezone(UTC).strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}"
+
+
+def backup_id_time(backup_id: str) -> datetime:
+    """The UTC start time encoded in a backup id; ValueError if it is not one."""
+    m = _ID_RE.match(backup_id)
+    if not m:
+        raise ValueError(f"not a backup id: {backup_id!r}")
+    return datetime.strptime(m.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+
+
+def is_backup_id(text: str) -> bool:
+    return bool(_ID_RE.match(text))
+
+
+def backups_prefix(policy: str) -> str:
+    return f"{policy}/backups/"
+
+
+def backup_prefix(policy: str, backup_id: str) -> str:
+    return f"{policy}/backups/{backup_id}/"
+
+
+def manifest_key(policy: str, backup_id: str) -> str:
+    return f"{backup_prefix(policy, backup_id)}{MANIFEST_NAME}"
+
+
+def artifact_key(policy: str, backup_id: str, artifact_name: str) -> str:
+    if not _NAME_RE.match(artifact_name) or ".." in artifact_name:
+        raise ValueError(f"bad artifact name: {artifact_name!r}")
+    return f"{backup_prefix(policy, backup_id)}{artifact_name}{ARTIFACT_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class ParsedKey:
+    """What an object key under a policy's backups prefix is."""
+
+    backup_id: str
+    is_manifest: bool
+    artifact_name: str | None
+
+
+def parse_key(policy: str, key: str) -> ParsedKey | None:
+    """Classify `key`; None if it is not drbot's (foreign objects are left alone)."""
+    prefix = backups_prefix(policy)
+    if not key.startswith(prefix):
+        return None
+    backup_id, _, rest = key[len(prefix) :].partition("/")
+    if not is_backup_id(backup_id) or not rest:
+        return None
+    if rest == MANIFEST_NAME:
+        return ParsedKey(backup_id, True, None)
+    if rest.endswith(ARTIFACT_SUFFIX):
+        return ParsedKey(backup_id, False, rest[: -len(ARTIFACT_SUFFIX)])
+    return None

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Set up everything drbot needs on a fresh Debian 12 machine, idempotently:
+# Debian packages (PostgreSQL 15 server and client tools, Python venv support), then a
+# virtualenv in .venv with the exact dependencies of the lock file (hash-checked).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null; then SUDO="sudo"; else SUDO=""; fi
+fi
+
+need_pkgs=()
+pg_bin=""
+for d in /usr/lib/postgresql/*/bin; do
+    [ -x "$d/initdb" ] && [ -x "$d/pg_dump" ] && pg_bin="$d"
+done
+[ -n "$pg_bin" ] || need_pkgs+=(postgresql-15 postgresql-client-15)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_pkgs+=(python3-venv)
+
+if [ "${#need_pkgs[@]}" -gt 0 ]; then
+    echo "bootstrap: installing Debian packages: ${need_pkgs[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}"
+    # Debian's package starts a cluster of its own; drbot's tests and demo start private servers.
+fi
+
+LOCK="${1:-requirements-dev.lock}"
+stamp=".venv/.installed-$(sha256sum "$LOCK" pyproject.toml | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+    echo "bootstrap: creating .venv from $LOCK"
+    [ -x .venv/bin/python ] || python3 -m venv .venv
+    .venv/bin/python -m pip install -q --disable-pip-version-check --require-hashes -r "$LOCK"
+    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
+    rm -f .venv/.installed-*
+    touch "$stamp"
+fi
