@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from drbot.cli.common import load_settings, policies_option
 from drbot.pipeline.filekey import generate_key_file
 
 
@@ -22,7 +23,8 @@ def command() -> None:
     type=click.Path(path_type=Path, dir_okay=False),
     help="Where to write the key (must not exist).",
 )
-def generate(out: Path) -> None:
+@policies_option
+def generate(out: Path, policies_dir: Path | None) -> None:
     """Write a new random 256-bit key (base64) to FILE with mode 0600.
 
     Keep a copy somewhere other than the backups: without it they cannot be decrypted.
@@ -31,6 +33,7 @@ def generate(out: Path) -> None:
     Example:
       drbot keys generate --out /etc/drbot/keys/shop.key
     """
+    load_settings(policies_dir)  # logging set-up; keys do not depend on policies
     key_id = generate_key_file(out)
     click.echo(f"Wrote key {key_id} to {out} (mode 0600).")
     click.echo("Store a copy of this key away from the backups: without it they cannot be read.")

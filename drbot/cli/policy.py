@@ -39,7 +39,8 @@ def validate(directory: Path | None, policies_dir: Path | None) -> None:
 
 
 @command.command("schema")
-def schema() -> None:
+@policies_option
+def schema(policies_dir: Path | None) -> None:
     """Print the JSON Schema of policy files (for editors and CI linters).
 
     \b

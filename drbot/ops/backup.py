@@ -304,6 +304,8 @@ def run_backup(
         run.discard()
         raise
     ok = tuple(s.name for s in run.live())
+    # a destination that failed holds objects without a manifest: remove them now if it lets us
+    cleanup_incomplete(settings.policy, [s for s in storages if s.name in run.failed])
     if not ok:
         run.discard()
         reasons = "; ".join(f"{d}: {why}" for d, why in run.failed.items())

@@ -1,0 +1,184 @@
+"""The drbot command as a person uses it: two regions, damage, wrong keys, kills, typos."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+
+import psycopg
+import pytest
+
+from tests.e2e.conftest import Env
+
+pytestmark = pytest.mark.e2e
+
+
+def _backup(e2e: Env) -> str:
+    res = e2e.run("backup", "--policy", "shop", "--json")
+    assert res.returncode == 0, res.stderr
+    return str(json.loads(res.stdout)["id"])
+
+
+def _listed(e2e: Env) -> list[dict[str, object]]:
+    res = e2e.run("list", "--policy", "shop", "--json")
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)
+    assert isinstance(rows, list)
+    return rows
+
+
+def _count(uri: str, sql: str) -> int:
+    with psycopg.connect(uri) as conn:
+        row = conn.execute(sql).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def test_backup_lists_in_both_regions_and_restores_identical_data(e2e: Env) -> None:
+    """A backup lands verified in both regions, lists with the documented fields, and restores."""
+    backup_id = _backup(e2e)
+    rows = _listed(e2e)
+    assert [r["id"] for r in rows] == [backup_id]
+    row = rows[0]
+    for field in ("id", "type", "started_at", "completed_at", "size_bytes", "destinations"):
+        assert field in row
+    assert row["type"] == "full"
+    assert row["destinations"] == ["primary", "replica"]
+    target = e2e.pg.uri(f"{e2e.database}_restored")  # type: ignore[attr-defined]
+    res = e2e.run("restore", "--policy", "shop", "--to", target, "--yes")
+    assert res.returncode == 0, res.stderr
+    assert "match the backup's fingerprint" in res.stdout
+    assert _count(target, "select count(*) from orders") == 5000
+    src = e2e.env["SHOP_DB_URI"]
+    q = "select md5(string_agg(o::text, '|' order by id)) from orders o"
+    with psycopg.connect(src) as a, psycopg.connect(target) as b:
+        assert a.execute(q).fetchone() == b.execute(q).fetchone()
+
+
+def test_no_plaintext_in_any_stored_object(e2e: Env) -> None:
+    """Every object in both buckets is ciphertext: no row value or table name can be found in it."""
+    _backup(e2e)
+    for i, region in enumerate(("us-east-1", "eu-west-1")):
+        client = e2e.client(region)
+        keys = e2e.objects(i)
+        assert keys, "nothing stored"
+        for key in keys:
+            if key.endswith("manifest.json"):
+                continue
+            body = client.get_object(Bucket=e2e.buckets[i], Key=key)["Body"].read()
+            for needle in (b"secret-customer-", b"orders", b"CREATE TABLE", b"PGDMP"):
+                assert needle not in body, f"{needle!r} in {key}"
+
+
+def test_flipped_byte_in_one_region_fails_verify_and_other_region_restores(e2e: Env) -> None:
+    """A flipped byte in the primary copy: verify exits 13 naming it; a restore still succeeds."""
+    _backup(e2e)
+    client = e2e.client("us-east-1")
+    key = next(k for k in e2e.objects(0) if k.endswith(".pgdump.zst.enc"))
+    body = bytearray(client.get_object(Bucket=e2e.buckets[0], Key=key)["Body"].read())
+    body[len(body) // 2] ^= 0x01
+    client.put_object(Bucket=e2e.buckets[0], Key=key, Body=bytes(body))
+
+    res = e2e.run("verify", "--policy", "shop")
+    assert res.returncode == 13, res.stderr
+    assert "primary" in res.stderr and key.split("/", 1)[1] in res.stderr
+    assert e2e.run("verify", "--policy", "shop", "--destination", "replica").returncode == 0
+
+    target = e2e.pg.uri(f"{e2e.database}_r1")  # type: ignore[attr-defined]
+    res = e2e.run("restore", "--policy", "shop", "--to", target, "--from", "replica", "--yes")
+    assert res.returncode == 0, res.stderr
+    assert _count(target, "select count(*) from orders") == 5000
+
+    # without --from, drbot notices the bad primary copy and falls back to the replica
+    target2 = e2e.pg.uri(f"{e2e.database}_r2")  # type: ignore[attr-defined]
+    res = e2e.run("restore", "--policy", "shop", "--to", target2, "--yes")
+    assert res.returncode == 0, res.stderr
+    assert "primary" in res.stderr  # the warning about the unusable copy
+    assert _count(target2, "select count(*) from orders") == 5000
+
+
+def test_wrong_key_exits_12_and_writes_nothing(e2e: Env) -> None:
+    """With another key in place, list and restore exit 12 and the target database is not created."""
+    _backup(e2e)
+    keyfile = e2e.tmp / "keys" / "shop.key"
+    keyfile.unlink()
+    assert e2e.run("keys", "generate", "--out", str(keyfile)).returncode == 0
+    target_db = f"{e2e.database}_wrongkey"
+    res = e2e.run("restore", "--policy", "shop", "--to", e2e.pg.uri(target_db), "--yes")  # type: ignore[attr-defined]
+    assert res.returncode == 12, res.stderr
+    assert "key" in res.stderr.lower()
+    exists = _count(
+        e2e.pg.uri("postgres"),  # type: ignore[attr-defined]
+        f"select count(*) from pg_database where datname = '{target_db}'",
+    )
+    assert exists == 0
+    assert e2e.run("list", "--policy", "shop").returncode == 12
+
+
+def test_killed_backups_never_list_as_complete_and_are_cleaned_up(e2e: Env) -> None:
+    """SIGKILL at random moments never leaves a listed backup; the next backup removes leftovers."""
+    e2e.pg.execute(e2e.database, "insert into orders (customer, placed_at, payload) select repeat(md5(i::text), 40), now(), '{}' from generate_series(1, 60000) i")  # type: ignore[attr-defined]
+    rng = random.Random(1234)
+    for _ in range(3):
+        proc = e2e.popen("backup", "--policy", "shop")
+        time.sleep(rng.uniform(0.3, 2.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert _listed(e2e) == [] or proc.returncode == 0
+    complete_before = {r["id"] for r in _listed(e2e)}
+    backup_id = _backup(e2e)
+    listed = {r["id"] for r in _listed(e2e)}
+    assert listed == complete_before | {backup_id}
+    for i in (0, 1):
+        ids = {k.split("/")[2] for k in e2e.objects(i)}
+        assert ids == listed, f"leftovers in bucket {i}: {ids - listed}"
+
+
+def test_typo_in_policy_exits_16_naming_the_field(e2e: Env) -> None:
+    """An unknown field in a policy is rejected with the file and the field path, exit 16."""
+    policy = e2e.tmp / "policies" / "shop.yaml"
+    policy.write_text(policy.read_text().replace("region: eu-west-1", "regoin: eu-west-1"))
+    res = e2e.run("backup", "--policy", "shop")
+    assert res.returncode == 16
+    assert "shop.yaml" in res.stderr and "regoin" in res.stderr
+    assert e2e.run("policy", "validate").returncode == 16
+
+
+def test_unreachable_database_exits_14_and_unreachable_storage_15(e2e: Env) -> None:
+    """A database nobody listens for is exit 14; an S3 endpoint nobody listens on is exit 15."""
+    res = e2e.run("backup", "--policy", "shop", SHOP_DB_URI="postgresql://postgres@127.0.0.1:1/x")
+    assert res.returncode == 14, res.stderr
+    res = e2e.run("list", "--policy", "shop", AWS_ENDPOINT_URL="http://127.0.0.1:1")
+    assert res.returncode in (0, 15), res.stderr
+    res = e2e.run("verify", "--policy", "shop", AWS_ENDPOINT_URL="http://127.0.0.1:1")
+    assert res.returncode == 15, res.stderr
+
+
+def test_restore_refuses_non_empty_target_and_dry_run_writes_nothing(e2e: Env) -> None:
+    """A non-empty target needs --replace (exit 2); --dry-run prints the plan and changes nothing."""
+    _backup(e2e)
+    res = e2e.run("restore", "--policy", "shop", "--to", e2e.env["SHOP_DB_URI"], "--yes")
+    assert res.returncode == 2
+    assert "--replace" in res.stderr
+    target_db = f"{e2e.database}_dry"
+    res = e2e.run("restore", "--policy", "shop", "--to", e2e.pg.uri(target_db), "--dry-run")  # type: ignore[attr-defined]
+    assert res.returncode == 0, res.stderr
+    assert "Restore plan" in res.stdout and ".pgdump.zst.enc" in res.stdout
+    exists = _count(
+        e2e.pg.uri("postgres"),  # type: ignore[attr-defined]
+        f"select count(*) from pg_database where datname = '{target_db}'",
+    )
+    assert exists == 0
+    res = e2e.run("restore", "--policy", "shop", "--to", e2e.pg.uri(target_db))  # type: ignore[attr-defined]
+    assert res.returncode == 2, "without --yes and without a terminal, restore must refuse"
+
+
+def test_every_command_has_help_with_an_example(e2e: Env) -> None:
+    """`--help` works for every command and shows an example."""
+    for cmd in (["backup"], ["list"], ["verify"], ["restore"], ["keys", "generate"],
+                ["policy", "validate"], ["policy", "schema"], ["demo"]):
+        res = e2e.run(*cmd, "--help")
+        assert res.returncode == 0, (cmd, res.stderr)
+        assert "Example" in res.stdout, cmd
