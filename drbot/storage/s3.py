@@ -1,0 +1,468 @@
+"""A destination in an S3 bucket (s3://bucket/prefix), in any region or S3-compatible endpoint.
+
+Retries, backoff and timeouts are botocore's (`standard` mode); this module adds none of its
+own. Every call goes through `_s3_errors`, the one place botocore's exceptions become drbot's,
+so nothing from boto3 reaches callers, including errors raised while iterating `open`.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+from base64 import b64encode
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import boto3
+import structlog
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    CredentialRetrievalError,
+    NoCredentialsError,
+    ParamValidationError,
+    PartialCredentialsError,
+)
+
+from drbot.clock import Clock, SystemClock
+from drbot.errors import DrbotError, ObjectNotFound, PolicyInvalid, StorageUnavailable
+from drbot.storage.base import ObjectInfo, ObjectLock, PutResult, Storage
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import CompletedPartTypeDef
+
+log = structlog.get_logger(__name__)
+
+MiB = 1 << 20
+MIN_PART_BYTES = 5 * MiB  # S3's minimum for every part but the last
+MAX_PART_BYTES = 5 * 1024 * MiB
+PARTS_PER_SIZE_STEP = 1000  # part size doubles every 1000 parts: 10,000 parts reach ~TiBs
+READ_CHUNK_BYTES = MiB
+
+_NOT_FOUND = frozenset({"NoSuchKey", "NotFound", "404"})
+_CREDENTIALS = frozenset(
+    {
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "InvalidToken",
+        "TokenRefreshRequired",
+        "403",
+    }
+)
+_WRONG_REGION = frozenset({"PermanentRedirect", "AuthorizationHeaderMalformed", "301"})
+_CREDENTIALS_HINT = (
+    "check the AWS credentials drbot runs with (AWS_PROFILE, AWS_ACCESS_KEY_ID, instance role) "
+    "and that their policy allows s3:{op} on bucket {bucket}"
+)
+
+
+def part_size_for(part_number: int, base_bytes: int) -> int:
+    """Size of part `part_number` (1-based): `base_bytes`, doubling every 1000 parts, capped.
+
+    S3 allows 10,000 parts; a fixed 16 MiB would cap objects at ~156 GiB. Growing the part size
+    keeps small objects cheap and large ones possible, with memory bounded by ~2 current parts.
+    """
+    step = (part_number - 1) // PARTS_PER_SIZE_STEP
+    return min(base_bytes << step, MAX_PART_BYTES)
+
+
+class S3Storage:
+    """Objects under `prefix` in `bucket`; keys given to methods are relative to the prefix."""
+
+    def __init__(
+        self,
+        name: str,
+        bucket: str,
+        prefix: str,
+        region: str,
+        *,
+        endpoint_url: str | None = None,
+        object_lock: ObjectLock | None = None,
+        part_size: int = 16 * MiB,
+        max_attempts: int = 5,
+        connect_timeout_s: float = 10.0,
+        read_timeout_s: float = 60.0,
+        clock: Clock | None = None,
+    ) -> None:
+        """Build the client (no network call yet). ValueError if `part_size` is below 5 MiB.
+
+        `endpoint_url` None means AWS, or the standard AWS_ENDPOINT_URL variable, which boto3
+        reads itself. `max_attempts` and the timeouts go to botocore's retry configuration.
+        """
+        if part_size < MIN_PART_BYTES:
+            raise ValueError(f"part_size must be at least {MIN_PART_BYTES} bytes (S3 minimum)")
+        self.name = name
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.region: str | None = region
+        self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self.object_lock = object_lock
+        self.part_size = part_size
+        self._clock: Clock = clock or SystemClock()
+        config = Config(
+            region_name=region,
+            retries={"mode": "standard", "max_attempts": max_attempts},
+            connect_timeout=connect_timeout_s,
+            read_timeout=read_timeout_s,
+        )
+        # A session per storage: boto3's default session is not safe to share across threads.
+        self._client: S3Client = boto3.session.Session().client(
+            "s3", region_name=region, endpoint_url=endpoint_url, config=config
+        )
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _key(self, key: str) -> str:
+        if not key or key.startswith("/"):
+            raise ValueError(f"invalid object key {key!r}: must be non-empty and relative")
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _full_prefix(self, prefix: str) -> str:
+        return f"{self.prefix}/{prefix}" if self.prefix else prefix
+
+    def _relative(self, full_key: str) -> str:
+        return full_key[len(self.prefix) + 1 :] if self.prefix else full_key
+
+    def _where(self, key: str | None) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}" if key else self.url
+
+    def _translate(self, exc: Exception, op: str, key: str | None) -> DrbotError:
+        """The drbot error for a botocore exception raised by `op` on `key` (or the bucket)."""
+        where = self._where(key)
+        if isinstance(exc, ClientError):
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", "Unknown"))
+            message = str(error.get("Message", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in _NOT_FOUND and key is not None:
+                return ObjectNotFound(f"{where} does not exist")
+            if code == "NoSuchBucket" or code in _NOT_FOUND:
+                return StorageUnavailable(
+                    f"bucket {self.bucket!r} does not exist in region {self.region} ({self.url})",
+                    hint="create the bucket, or fix the destination's url, region or endpoint",
+                )
+            if code in _CREDENTIALS:
+                return StorageUnavailable(
+                    f"{where}: {op} was refused ({code}: {message or 'access denied'})",
+                    hint=_CREDENTIALS_HINT.format(op=op, bucket=self.bucket),
+                )
+            if code in _WRONG_REGION:
+                return StorageUnavailable(
+                    f"{where}: {op} failed ({code}): "
+                    f"bucket {self.bucket!r} is not in {self.region}",
+                    hint="set the destination's region to the bucket's region",
+                )
+            if code == "InvalidRequest" and "ObjectLock" in message.replace(" ", ""):
+                return PolicyInvalid(
+                    f"{self.url}: object lock is configured but the bucket refuses it ({message})",
+                    hint=f"enable Object Lock on bucket {self.bucket}, or remove object_lock "
+                    f"from destination {self.name}",
+                )
+            return StorageUnavailable(
+                f"{where}: {op} failed after retries: {code} (HTTP {status}) {message}".rstrip()
+            )
+        if isinstance(exc, NoCredentialsError | PartialCredentialsError | CredentialRetrievalError):
+            return StorageUnavailable(
+                f"{self.url}: no usable AWS credentials for {op} ({exc})",
+                hint=_CREDENTIALS_HINT.format(op=op, bucket=self.bucket),
+            )
+        if isinstance(exc, ParamValidationError):
+            return DrbotError(f"{where}: {op} was called with invalid parameters: {exc}")
+        return StorageUnavailable(
+            f"{where}: {op} failed after retries: {exc}",
+            hint="check that the S3 endpoint is reachable from this host",
+        )
+
+    @contextmanager
+    def _s3_errors(self, op: str, key: str | None = None) -> Iterator[None]:
+        """Translate botocore exceptions raised inside the block; let everything else through."""
+        try:
+            yield
+        except (BotoCoreError, ClientError) as exc:
+            raise self._translate(exc, op, key) from exc
+
+    def _check_bucket(self) -> None:
+        """StorageUnavailable if the bucket is missing or unreachable."""
+        with self._s3_errors("HeadBucket"):
+            self._client.head_bucket(Bucket=self.bucket)
+
+    def _lock_args(self) -> dict[str, Any]:
+        if self.object_lock is None:
+            return {}
+        # Whole seconds, so re-applying the same date (after multipart) never shortens it.
+        until = self._clock.now().replace(microsecond=0) + timedelta(days=self.object_lock.days)
+        return {
+            "ObjectLockMode": self.object_lock.mode.upper(),
+            "ObjectLockRetainUntilDate": until,
+        }
+
+    # -- Storage -------------------------------------------------------------------------
+
+    def put(self, key: str, chunks: Iterable[bytes]) -> PutResult:
+        """Stream `chunks` to `key`: one PutObject up to `part_size`, else a multipart upload.
+
+        Memory stays near two parts. On any exception (from `chunks`, S3, or an interrupt) the
+        multipart upload is aborted and the exception propagates; S3 failures arrive as
+        StorageUnavailable (or PolicyInvalid if the bucket refuses object lock).
+        """
+        full = self._key(key)
+        lock = self._lock_args()
+        digest = hashlib.sha256()
+        buffer = bytearray()
+        size = 0
+        upload_id: str | None = None
+        parts: list[CompletedPartTypeDef] = []
+        try:
+            for chunk in chunks:
+                digest.update(chunk)
+                size += len(chunk)
+                buffer += chunk
+                # Strictly greater: an object of exactly one part size stays a single PutObject.
+                while len(buffer) > part_size_for(len(parts) + 1, self.part_size):
+                    if upload_id is None:
+                        upload_id = self._create_upload(key, full, lock)
+                    part_bytes = part_size_for(len(parts) + 1, self.part_size)
+                    with memoryview(buffer) as view:
+                        body = bytes(view[:part_bytes])
+                    del buffer[:part_bytes]
+                    parts.append(self._upload_part(key, full, upload_id, len(parts) + 1, body))
+            if upload_id is None:
+                self._put_single(key, full, bytes(buffer), digest.digest(), lock)
+            else:
+                if buffer:
+                    body = bytes(buffer)
+                    buffer.clear()
+                    parts.append(self._upload_part(key, full, upload_id, len(parts) + 1, body))
+                self._complete_upload(key, full, upload_id, parts, lock)
+                upload_id = None
+        except BaseException:
+            if upload_id is not None:
+                self._abort_upload(key, full, upload_id)
+            raise
+        log.debug(
+            "storage.put_completed",
+            destination=self.name,
+            key=key,
+            size_bytes=size,
+            parts=max(len(parts), 1),
+        )
+        return PutResult(key=key, size_bytes=size, sha256=digest.hexdigest())
+
+    def _put_single(
+        self, key: str, full: str, body: bytes, sha256: bytes, lock: dict[str, Any]
+    ) -> None:
+        with self._s3_errors("PutObject", key):
+            self._client.put_object(
+                Bucket=self.bucket,
+                Key=full,
+                Body=body,
+                ChecksumAlgorithm="SHA256",
+                ChecksumSHA256=b64encode(sha256).decode(),
+                **lock,
+            )
+
+    def _create_upload(self, key: str, full: str, lock: dict[str, Any]) -> str:
+        with self._s3_errors("CreateMultipartUpload", key):
+            created = self._client.create_multipart_upload(
+                Bucket=self.bucket, Key=full, ChecksumAlgorithm="SHA256", **lock
+            )
+        return created["UploadId"]
+
+    def _upload_part(
+        self, key: str, full: str, upload_id: str, number: int, body: bytes
+    ) -> CompletedPartTypeDef:
+        checksum = b64encode(hashlib.sha256(body).digest()).decode()
+        with self._s3_errors("UploadPart", key):
+            uploaded = self._client.upload_part(
+                Bucket=self.bucket,
+                Key=full,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=body,
+                ChecksumAlgorithm="SHA256",
+                ChecksumSHA256=checksum,
+            )
+        return {"PartNumber": number, "ETag": uploaded["ETag"], "ChecksumSHA256": checksum}
+
+    def _complete_upload(
+        self,
+        key: str,
+        full: str,
+        upload_id: str,
+        parts: list[CompletedPartTypeDef],
+        lock: dict[str, Any],
+    ) -> None:
+        with self._s3_errors("CompleteMultipartUpload", key):
+            self._client.complete_multipart_upload(
+                Bucket=self.bucket, Key=full, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
+        if not lock:
+            return
+        # S3 applies the lock given at CreateMultipartUpload; some S3-compatible servers (moto
+        # among them) ignore it there, so check, and set it explicitly if it did not stick.
+        with self._s3_errors("HeadObject", key):
+            head = self._client.head_object(Bucket=self.bucket, Key=full)
+        if head.get("ObjectLockMode") is None:
+            with self._s3_errors("PutObjectRetention", key):
+                self._client.put_object_retention(
+                    Bucket=self.bucket,
+                    Key=full,
+                    Retention={
+                        "Mode": lock["ObjectLockMode"],
+                        "RetainUntilDate": lock["ObjectLockRetainUntilDate"],
+                    },
+                )
+
+    def _abort_upload(self, key: str, full: str, upload_id: str) -> None:
+        """Best effort: the original error matters more; `abort_incomplete` mops up later."""
+        try:
+            with self._s3_errors("AbortMultipartUpload", key):
+                self._client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=full, UploadId=upload_id
+                )
+        except DrbotError as exc:
+            log.warning("storage.abort_failed", destination=self.name, key=key, error=str(exc))
+        else:
+            log.info("storage.put_aborted", destination=self.name, key=key)
+
+    def open(self, key: str, *, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
+        """Yield the object's bytes from `offset` (`length` of them, or to the end), ~1 MiB a chunk.
+
+        Raises (when iterated) ObjectNotFound if absent, StorageUnavailable if S3 fails, also
+        midway through the stream; ValueError for a negative offset/length or an invalid key.
+        """
+        if offset < 0 or (length is not None and length < 0):
+            raise ValueError(f"invalid range offset={offset} length={length}")
+        return self._read(key, self._key(key), offset, length)
+
+    def _read(self, key: str, full: str, offset: int, length: int | None) -> Iterator[bytes]:
+        if length == 0:
+            self.stat(key)  # still report a missing object
+            return
+        end = "" if length is None else str(offset + length - 1)
+        with self._s3_errors("GetObject", key):
+            try:
+                response = self._client.get_object(
+                    Bucket=self.bucket, Key=full, Range=f"bytes={offset}-{end}"
+                )
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") != "InvalidRange":
+                    raise
+                # Starting at or past the end: nothing to read, as for a file.
+                return
+            body = response["Body"]
+            try:
+                yield from body.iter_chunks(READ_CHUNK_BYTES)
+            finally:
+                body.close()
+
+    def stat(self, key: str) -> ObjectInfo:
+        """Size and time of `key`; ObjectNotFound if absent, StorageUnavailable if S3 fails."""
+        full = self._key(key)
+        try:
+            with self._s3_errors("HeadObject", key):
+                head = self._client.head_object(Bucket=self.bucket, Key=full)
+        except ObjectNotFound:
+            # HEAD answers a bare 404 for a missing bucket too; tell the two apart.
+            self._check_bucket()
+            raise
+        return ObjectInfo(
+            key=key, size_bytes=head["ContentLength"], modified_at=head["LastModified"]
+        )
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Every object whose key starts with `prefix`, sorted by key (S3's own order).
+
+        Raises StorageUnavailable (when iterated) if S3 fails or the bucket is missing.
+        """
+        paginator = self._client.get_paginator("list_objects_v2")
+        with self._s3_errors("ListObjectsV2"):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._full_prefix(prefix)):
+                for item in page.get("Contents", []):
+                    yield ObjectInfo(
+                        key=self._relative(item["Key"]),
+                        size_bytes=item["Size"],
+                        modified_at=item["LastModified"],
+                    )
+
+    def delete(self, key: str) -> None:
+        """Remove `key`; a missing object is fine.
+
+        With object lock configured, every version of the key is deleted (a plain delete would
+        only hide it behind a delete marker), so a still-locked version raises DrbotError naming
+        the date it is locked until. StorageUnavailable if S3 fails.
+        """
+        full = self._key(key)
+        if self.object_lock is None:
+            with self._s3_errors("DeleteObject", key):
+                self._client.delete_object(Bucket=self.bucket, Key=full)
+            return
+        for version_id in self._versions(key, full):
+            try:
+                with self._s3_errors("DeleteObject", key):
+                    self._client.delete_object(Bucket=self.bucket, Key=full, VersionId=version_id)
+            except StorageUnavailable as exc:
+                locked = self._locked_until(key, full, version_id)
+                if locked is None:
+                    raise
+                raise DrbotError(
+                    f"{self._where(key)} (version {version_id}) is under object lock until "
+                    f"{locked.isoformat()} and cannot be deleted before then",
+                    hint="retention must not be shorter than the destination's object_lock days",
+                ) from exc
+
+    def _versions(self, key: str, full: str) -> builtins.list[str]:
+        """Ids of every version and delete marker of exactly `full`."""
+        ids: builtins.list[str] = []
+        paginator = self._client.get_paginator("list_object_versions")
+        with self._s3_errors("ListObjectVersions", key):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+                entries = [*page.get("Versions", []), *page.get("DeleteMarkers", [])]
+                ids.extend(e["VersionId"] for e in entries if e.get("Key") == full)
+        return ids
+
+    def _locked_until(self, key: str, full: str, version_id: str) -> datetime | None:
+        """When the version's retention ends, if it is still locked; None otherwise."""
+        try:
+            with self._s3_errors("HeadObject", key):
+                head = self._client.head_object(Bucket=self.bucket, Key=full, VersionId=version_id)
+        except DrbotError:
+            return None
+        until = head.get("ObjectLockRetainUntilDate")
+        if until is not None and until > self._clock.now():
+            return until
+        return None
+
+    def abort_incomplete(self, prefix: str) -> int:
+        """Abort every multipart upload under `prefix`; returns how many.
+
+        Raises StorageUnavailable on failure.
+
+        Callers must make sure no put under `prefix` is running (they hold the policy's lock).
+        """
+        aborted = 0
+        paginator = self._client.get_paginator("list_multipart_uploads")
+        with self._s3_errors("ListMultipartUploads"):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._full_prefix(prefix)):
+                for upload in page.get("Uploads", []):
+                    try:
+                        self._client.abort_multipart_upload(
+                            Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                        )
+                    except ClientError as exc:
+                        if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                            raise
+                        continue  # finished or aborted meanwhile
+                    aborted += 1
+        if aborted:
+            log.info("storage.incomplete_aborted", destination=self.name, count=aborted)
+        return aborted
+
+
+_: type[Storage] = S3Storage
