@@ -1,0 +1,332 @@
+"""Fingerprints of table data, read from a pg_dump custom-format archive as it streams past.
+
+The backup fingerprints each table without a second read of the database: the archive that
+pg_dump writes (`--format=custom --compress=0`, to a pipe) already holds every row in COPY
+text form. This module follows that format far enough to find each TABLE DATA entry's rows:
+
+    header  "PGDMP", u8 major, u8 minor, u8 rev, u8 int_size, u8 off_size, u8 format,
+            compression (archive >= 1.15: u8 algorithm; before: int level),
+            7 ints (creation time), str dbname, str server version, str pg_dump version
+    toc     int count, then per entry: int dump_id, int had_dumper, str tableoid, str oid,
+            str tag, str desc, int section, str defn, str drop, str copy_stmt, str namespace,
+            str tablespace, str tableam (>= 1.14), int relkind (>= 1.16), str owner,
+            str with_oids, str* dependencies (ended by a null str), offset (u8 flag + off_size)
+    data    per entry with data: u8 block type (1 table data, 3 large objects), int dump_id,
+            then chunks (int length + bytes; length 0 ends the block); large object blocks
+            repeat (int oid, chunks) until an oid of 0.
+
+An int is a sign byte then `int_size` bytes, least significant first; a str is an int length
+(-1 for null) then that many bytes. This is pg_backup_archiver.c / pg_backup_custom.c, stable
+for archive versions 1.12 to 1.16 (pg_dump 11 to 17).
+
+The fingerprint of a table is its row count and the sum, modulo 2**128, of the first 16 bytes
+of SHA-256 of every COPY text line (without its newline): order-independent, so a restored
+table that returns its rows in another order still matches. `LineSummer` is shared with the
+engine, which computes the same thing from `COPY ... TO STDOUT` on a restored database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import struct
+from dataclasses import dataclass
+
+import structlog
+
+from drbot.engines.base import Fingerprint, TableFingerprint
+
+log = structlog.get_logger(__name__)
+
+_MASK = (1 << 128) - 1
+_BLK_DATA = 1
+_BLK_BLOBS = 3
+_MIN_VERSION = (1, 12)
+_MAX_VERSION = (1, 16)
+_COPY_COLUMNS = re.compile(rb"^COPY .*? \((?P<cols>.*)\) FROM stdin;\s*$", re.DOTALL)
+
+
+class LineSummer:
+    """Row count and order-independent checksum of COPY text, fed in arbitrary pieces."""
+
+    __slots__ = ("_done", "_partial", "rows", "total")
+
+    def __init__(self) -> None:
+        self._partial = b""
+        self._done = False
+        self.rows = 0
+        self.total = 0
+
+    def feed(self, data: bytes) -> None:
+        if self._done or not data:
+            return
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        sha = hashlib.sha256
+        total = self.total
+        rows = self.rows
+        for line in lines:
+            if line == b"\\.":
+                # pg_dump ends its COPY data with "\." (a data row can never be exactly that:
+                # a backslash is always escaped); whatever follows is padding.
+                self._done = True
+                break
+            total += int.from_bytes(sha(line).digest()[:16], "big")
+            rows += 1
+        self.total = total & _MASK
+        self.rows = rows
+
+    def result(self, columns: str) -> TableFingerprint:
+        if self._partial and not self._done:
+            # A final row without a newline (not produced by PostgreSQL, but well defined).
+            self.total = (
+                self.total + int.from_bytes(hashlib.sha256(self._partial).digest()[:16], "big")
+            ) & _MASK
+            self.rows += 1
+            self._partial = b""
+        return TableFingerprint(rows=self.rows, checksum=f"{self.total:032x}", columns=columns)
+
+
+@dataclass
+class _Entry:
+    dump_id: int
+    namespace: str
+    tag: str
+    columns: str
+
+
+class _NeedMore(Exception):
+    pass
+
+
+class _Cursor:
+    """Reads archive primitives from a buffer; `_NeedMore` when the buffer ends too soon."""
+
+    def __init__(self, buf: bytes | bytearray, pos: int, int_size: int = 4) -> None:
+        self.buf = buf
+        self.pos = pos
+        self.int_size = int_size
+
+    def take(self, n: int) -> bytes:
+        end = self.pos + n
+        if end > len(self.buf):
+            raise _NeedMore
+        out = bytes(self.buf[self.pos : end])
+        self.pos = end
+        return out
+
+    def byte(self) -> int:
+        return self.take(1)[0]
+
+    def int(self) -> int:
+        raw = self.take(1 + self.int_size)
+        value = int.from_bytes(raw[1:], "little")
+        return -value if raw[0] else value
+
+    def str(self) -> bytes | None:
+        n = self.int()
+        if n < 0:
+            return None
+        return self.take(n)
+
+
+class ArchiveFingerprinter:
+    """Feed it the archive bytes in order; `result()` gives per-table fingerprints.
+
+    Never raises on archives it does not understand (another format version, compressed
+    data, garbage): it stops looking, logs `pg.fingerprint_unavailable` once, and `result()`
+    returns None. A backup must never fail because its fingerprint could not be computed.
+    """
+
+    def __init__(self, artifact: str = "") -> None:
+        self._artifact = artifact
+        self._buf = bytearray()
+        self._next_attempt = 0
+        self._failed: str | None = None
+        self._int_size = 4
+        self._entries: dict[int, _Entry] = {}
+        self._sums: dict[int, LineSummer] = {}
+        self._in_toc = True
+        # Data phase state: None between blocks; else (kind, dump_id, in_lo_data).
+        self._block: tuple[int, int] | None = None
+        self._lo_needs_oid = False
+        self._chunk_left = 0
+
+    # -- public ---------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        if self._failed is not None:
+            return
+        try:
+            if self._chunk_left:
+                data = self._payload(data)
+                if not data:
+                    return
+            self._buf += data
+            if self._in_toc:
+                if len(self._buf) < self._next_attempt:
+                    return
+                self._parse_head_and_toc()
+                if self._in_toc:
+                    return
+            self._parse_blocks()
+        except _Unsupported as exc:
+            self._fail(str(exc))
+        except (ValueError, UnicodeDecodeError, struct.error) as exc:
+            self._fail(f"unreadable archive: {exc}")
+
+    def result(self) -> Fingerprint | None:
+        if self._failed is None and self._in_toc:
+            # Small archives end before the next scheduled TOC parse attempt.
+            self._next_attempt = 0
+            self.feed(b"")
+        if self._failed is not None:
+            return None
+        if self._in_toc or self._chunk_left or self._block is not None:
+            self._fail("archive ended early")
+            return None
+        tables: dict[str, TableFingerprint] = {}
+        for dump_id, entry in self._entries.items():
+            summer = self._sums.get(dump_id, LineSummer())
+            tables[f"{entry.namespace}.{entry.tag}"] = summer.result(entry.columns)
+        return Fingerprint(tables=tables)
+
+    # -- parsing --------------------------------------------------------------------
+
+    def _fail(self, why: str) -> None:
+        if self._failed is None:
+            self._failed = why
+            self._buf = bytearray()
+            log.warning("pg.fingerprint_unavailable", artifact=self._artifact, reason=why)
+
+    def _parse_head_and_toc(self) -> None:
+        cur = _Cursor(self._buf, 0)
+        try:
+            self._read_head(cur)
+            entries = self._read_toc(cur)
+        except _NeedMore:
+            # Retry once the buffer has doubled: a huge TOC is then parsed O(n log n), not O(n²).
+            self._next_attempt = max(2 * len(self._buf), 64 * 1024)
+            return
+        self._entries = entries
+        self._in_toc = False
+        del self._buf[: cur.pos]
+
+    def _read_head(self, cur: _Cursor) -> None:
+        if cur.take(5) != b"PGDMP":
+            raise _Unsupported("not a pg_dump custom-format archive")
+        version = (cur.byte(), cur.byte())
+        cur.byte()  # revision
+        if not _MIN_VERSION <= version <= _MAX_VERSION:
+            raise _Unsupported(f"archive version {version[0]}.{version[1]} is not supported")
+        self._version = version
+        self._int_size = cur.int_size = cur.byte()
+        self._off_size = cur.byte()
+        if cur.byte() != 1:
+            raise _Unsupported("not a custom-format archive")
+        compression = cur.byte() if version >= (1, 15) else cur.int()
+        if compression != 0:
+            raise _Unsupported("archive data is compressed (pg_dump must run with --compress=0)")
+        for _ in range(7):
+            cur.int()
+        for _ in range(3):
+            cur.str()
+
+    def _read_toc(self, cur: _Cursor) -> dict[int, _Entry]:
+        entries: dict[int, _Entry] = {}
+        for _ in range(cur.int()):
+            dump_id = cur.int()
+            cur.int()  # had_dumper
+            cur.str()  # tableoid
+            cur.str()  # oid
+            tag = cur.str() or b""
+            desc = cur.str() or b""
+            cur.int()  # section
+            cur.str()  # defn
+            cur.str()  # drop
+            copy_stmt = cur.str() or b""
+            namespace = cur.str() or b""
+            cur.str()  # tablespace
+            if self._version >= (1, 14):
+                cur.str()  # tableam
+            if self._version >= (1, 16):
+                cur.int()  # relkind
+            cur.str()  # owner
+            cur.str()  # with oids
+            while cur.str() is not None:  # dependencies
+                pass
+            cur.take(1 + self._off_size)  # data offset (unset when writing to a pipe)
+            if desc == b"TABLE DATA":
+                match = _COPY_COLUMNS.match(copy_stmt)
+                entries[dump_id] = _Entry(
+                    dump_id=dump_id,
+                    namespace=namespace.decode(),
+                    tag=tag.decode(),
+                    columns=match.group("cols").decode() if match else "",
+                )
+        return entries
+
+    def _route(self, payload: bytes) -> None:
+        """Give chunk bytes to the current table's summer (large object bytes are skipped)."""
+        self._chunk_left -= len(payload)
+        if self._block is not None and self._block[0] == _BLK_DATA:
+            summer = self._sums.get(self._block[1])
+            if summer is not None:
+                summer.feed(payload)
+
+    def _payload(self, data: bytes) -> bytes:
+        """Route the first bytes of `data` to the current chunk; return the rest."""
+        take = min(self._chunk_left, len(data))
+        self._route(data[:take])
+        return data[take:]
+
+    def _parse_blocks(self) -> None:
+        buf = self._buf
+        pos = 0
+        while True:
+            if self._chunk_left:
+                end = min(len(buf), pos + self._chunk_left)
+                self._route(bytes(buf[pos:end]))
+                pos = end
+                if self._chunk_left:
+                    break
+                continue
+            cur = _Cursor(buf, pos, self._int_size)
+            try:
+                self._read_marker(cur)
+            except _NeedMore:
+                break  # `pos` stays before the incomplete marker; it is re-read next time
+            pos = cur.pos
+        del buf[:pos]
+
+    def _read_marker(self, cur: _Cursor) -> None:
+        """Read what comes between payloads: a block header, a large object's oid or a length."""
+        if self._block is None:
+            kind = cur.byte()
+            dump_id = cur.int()
+            if kind not in (_BLK_DATA, _BLK_BLOBS):
+                raise _Unsupported(f"unknown data block type {kind}")
+            self._block = (kind, dump_id)
+            self._lo_needs_oid = kind == _BLK_BLOBS
+            if kind == _BLK_DATA and dump_id in self._entries:
+                self._sums[dump_id] = LineSummer()
+            return
+        if self._lo_needs_oid:
+            if cur.int() == 0:
+                self._block = None
+            else:
+                self._lo_needs_oid = False
+            return
+        length = cur.int()
+        if length < 0:
+            raise _Unsupported(f"negative chunk length {length}")
+        if length > 0:
+            self._chunk_left = length
+        elif self._block[0] == _BLK_BLOBS:
+            self._lo_needs_oid = True  # end of one large object; next comes an oid (0 = done)
+        else:
+            self._block = None
+
+
+class _Unsupported(Exception):
+    pass

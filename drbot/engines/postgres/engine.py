@@ -1,0 +1,560 @@
+"""PostgreSQL logical backups: pg_dumpall globals, pg_dump custom archives, pg_restore.
+
+Passwords never reach a command line or a log: the URI is split with libpq's own parser, the
+password travels to child programs in PGPASSWORD, and messages name only host:port/db.
+Child programs run with PGTZ=UTC and PGCLIENTENCODING=UTF8 so the COPY text they produce is
+the text `fingerprint_target` reproduces on a restored database.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import subprocess
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import IO
+
+import psycopg
+import structlog
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from drbot.engines.base import DumpStream, Engine, Fingerprint, SourceInfo, TableFingerprint
+from drbot.engines.postgres.archive import ArchiveFingerprinter, LineSummer
+from drbot.engines.postgres.localserver import find_bin_dir
+from drbot.errors import DatabaseError, SourceUnavailable
+from drbot.log import redact_text
+
+log = structlog.get_logger(__name__)
+
+READ_BYTES = 1 << 20
+CONNECT_TIMEOUT_S = 10
+_STDERR_KEEP = 64 * 1024
+_CONNECT_MARKERS = (
+    "could not connect",
+    "connection to server",
+    "connection refused",
+    "could not translate host name",
+    "password authentication failed",
+    "no password supplied",
+    "timeout expired",
+    "is the server running",
+)
+# The session settings pg_dump uses for COPY output (pg_dump.c setup_connection).
+_DUMP_SESSION = (
+    "SET DateStyle = ISO",
+    "SET IntervalStyle = postgres",
+    "SET extra_float_digits = 3",
+    "SET TimeZone = 'UTC'",
+    "SET client_encoding = 'UTF8'",
+)
+_SYSTEM_SCHEMAS = "('pg_catalog', 'information_schema', 'pg_toast')"
+
+
+class _Conn:
+    """One parsed PostgreSQL URI: libpq parameters without the password, and the password."""
+
+    def __init__(self, uri: str) -> None:
+        try:
+            params = {k: str(v) for k, v in conninfo_to_dict(uri).items() if v is not None}
+        except psycopg.ProgrammingError as exc:
+            raise DatabaseError(f"not a valid PostgreSQL URI: {redact_text(str(exc))}") from None
+        self.password = params.pop("password", None)
+        self.params = params
+
+    @property
+    def dbname(self) -> str:
+        return self.params.get("dbname") or self.params.get("user") or "postgres"
+
+    def where(self, dbname: str | None = None) -> str:
+        host = self.params.get("host", "localhost")
+        port = self.params.get("port", "5432")
+        return f"{host}:{port}/{dbname or self.dbname}"
+
+    def conninfo(self, dbname: str | None = None) -> str:
+        """libpq conninfo without the password (safe for argv)."""
+        params = dict(self.params)
+        if dbname is not None:
+            params["dbname"] = dbname
+        params.setdefault("connect_timeout", str(CONNECT_TIMEOUT_S))
+        return make_conninfo(**params)
+
+    def connect(
+        self, dbname: str | None = None, *, autocommit: bool = True
+    ) -> psycopg.Connection[tuple[object, ...]]:
+        try:
+            return psycopg.connect(
+                self.conninfo(dbname),
+                password=self.password,
+                autocommit=autocommit,
+                application_name="drbot",
+            )
+        except psycopg.OperationalError as exc:
+            raise SourceUnavailable(
+                f"cannot connect to PostgreSQL at {self.where(dbname)}: {_first_line(exc)}",
+                hint="check that the server is up, reachable from here, and accepts this user",
+            ) from None
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            PGTZ="UTC",
+            PGCLIENTENCODING="UTF8",
+            PGAPPNAME="drbot",
+            PGCONNECT_TIMEOUT=str(CONNECT_TIMEOUT_S),
+        )
+        env.pop("PGPASSWORD", None)
+        if self.password is not None:
+            env["PGPASSWORD"] = self.password
+        return env
+
+
+def _first_line(exc: BaseException) -> str:
+    text = redact_text(str(exc)).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__
+
+
+def _tool_error(tool: str, where: str, rc: int, stderr: str) -> DatabaseError | SourceUnavailable:
+    text = redact_text(stderr).strip()
+    tail = "\n".join(text.splitlines()[-20:]) or f"exit status {rc}"
+    if any(marker in text.lower() for marker in _CONNECT_MARKERS):
+        return SourceUnavailable(
+            f"{tool} cannot connect to PostgreSQL at {where}: {tail}",
+            hint="check that the server is up, reachable from here, and accepts this user",
+        )
+    hint = None
+    if "role" in text and "does not exist" in text:
+        hint = (
+            "the target lacks roles the dump refers to: restore with --with-globals or --no-owner"
+        )
+    return DatabaseError(f"{tool} failed on {where} (exit {rc}):\n{tail}", hint=hint)
+
+
+class _StderrTail(threading.Thread):
+    """Drains a child's stderr so it never blocks, keeping the last few KiB for messages."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        super().__init__(daemon=True, name="drbot-stderr")
+        self._stream = stream
+        self._tail: collections.deque[bytes] = collections.deque()
+        self._size = 0
+
+    def run(self) -> None:
+        for line in iter(self._stream.readline, b""):
+            self._tail.append(line)
+            self._size += len(line)
+            while self._size > _STDERR_KEEP and len(self._tail) > 1:
+                self._size -= len(self._tail.popleft())
+
+    def text(self) -> str:
+        self.join(timeout=10)
+        return b"".join(self._tail).decode(errors="replace")
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+class _ProgramDump:
+    """A DumpStream fed by one run of pg_dump (or pg_dumpall); see DumpStream's contract."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        kind: str,
+        database: str | None,
+        argv: list[str],
+        env: dict[str, str],
+        where: str,
+        fingerprint: bool,
+    ) -> None:
+        self.name = name
+        self.kind = kind
+        self.database = database
+        self._argv = argv
+        self._env = env
+        self._where = where
+        self._fingerprinter = ArchiveFingerprinter(name) if fingerprint else None
+        self._used = False
+
+    def chunks(self) -> Iterator[bytes]:
+        if self._used:
+            raise RuntimeError(f"{self.name}: chunks() may be iterated only once")
+        self._used = True
+        tool = Path(self._argv[0]).name
+        log.debug("pg.dump_started", artifact=self.name, tool=tool, where=self._where)
+        try:
+            proc = subprocess.Popen(
+                self._argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=self._env,
+            )
+        except OSError as exc:
+            raise SourceUnavailable(f"cannot run {self._argv[0]}: {exc}") from exc
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        errors = _StderrTail(proc.stderr)
+        errors.start()
+        finished = False
+        try:
+            while True:
+                data = os.read(proc.stdout.fileno(), READ_BYTES)
+                if not data:
+                    break
+                if self._fingerprinter is not None:
+                    self._fingerprinter.feed(data)
+                yield data
+            rc = proc.wait()
+            finished = True
+        finally:
+            if not finished:
+                _kill(proc)
+            proc.stdout.close()
+        stderr = errors.text()
+        if rc != 0:
+            raise _tool_error(tool, self._where, rc, stderr)
+
+    def fingerprint(self) -> Fingerprint | None:
+        return self._fingerprinter.result() if self._fingerprinter is not None else None
+
+
+class _GlobalsDump:
+    """Roles and tablespaces from pg_dumpall --globals-only, small enough to hold in memory.
+
+    Run to completion before the first byte is handed on, so that a source that refuses to
+    show role passwords (any non-superuser: pg_authid is unreadable) can be retried with
+    --no-role-passwords instead of failing the backup.
+    """
+
+    name = "globals.sql"
+    kind = "pg_globals"
+    database: str | None = None
+
+    def __init__(self, argv: list[str], env: dict[str, str], where: str) -> None:
+        self._argv = argv
+        self._env = env
+        self._where = where
+
+    def _run(self, argv: list[str]) -> tuple[int, bytes, str]:
+        try:
+            proc = subprocess.run(argv, capture_output=True, env=self._env, check=False)
+        except OSError as exc:
+            raise SourceUnavailable(f"cannot run {argv[0]}: {exc}") from exc
+        return proc.returncode, proc.stdout, proc.stderr.decode(errors="replace")
+
+    def chunks(self) -> Iterator[bytes]:
+        rc, out, err = self._run(self._argv)
+        if rc != 0 and "permission denied" in err:
+            log.warning(
+                "pg.globals_without_passwords",
+                where=self._where,
+                reason=_first_line(Exception(err)),
+            )
+            rc, out, err = self._run([*self._argv, "--no-role-passwords"])
+        if rc != 0:
+            raise _tool_error("pg_dumpall", self._where, rc, err)
+        yield out
+
+    def fingerprint(self) -> Fingerprint | None:
+        return None
+
+
+class PostgresEngine:
+    """Engine for PostgreSQL sources and restore targets, driving the PostgreSQL client programs."""
+
+    def __init__(
+        self, uri: str, databases: Sequence[str] | None = None, *, bin_dir: Path | None = None
+    ) -> None:
+        self._conn = _Conn(uri)
+        self._databases = list(databases) if databases else None
+        self._bin_dir = bin_dir
+
+    def _tool(self, name: str) -> str:
+        return str(find_bin_dir(self._bin_dir, name) / name)
+
+    # -- source ---------------------------------------------------------------------
+
+    def probe(self) -> SourceInfo:
+        with self._conn.connect() as conn:
+            try:
+                version = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
+                rows = conn.execute(
+                    "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate "
+                    "ORDER BY datname"
+                ).fetchall()
+            except psycopg.Error as exc:
+                raise DatabaseError(
+                    f"probing {self._conn.where()} failed: {_first_line(exc)}"
+                ) from None
+        present = [str(r[0]) for r in rows]
+        if self._databases is None:
+            databases = present
+        else:
+            missing = [d for d in self._databases if d not in present]
+            if missing:
+                raise DatabaseError(
+                    f"databases {', '.join(missing)} do not exist on {self._conn.where()} "
+                    "(or do not allow connections)",
+                    hint="fix source.databases in the policy",
+                )
+            databases = list(self._databases)
+        return SourceInfo(server_version=version, databases=tuple(databases))
+
+    def full_dumps(self) -> list[DumpStream]:
+        databases = self.probe().databases
+        env = self._conn.env()
+        dumps: list[DumpStream] = [
+            _GlobalsDump(
+                [
+                    self._tool("pg_dumpall"),
+                    "--globals-only",
+                    "--no-password",
+                    "--dbname",
+                    self._conn.conninfo(),
+                ],
+                env,
+                self._conn.where(),
+            )
+        ]
+        for db in databases:
+            dumps.append(
+                _ProgramDump(
+                    name=f"db/{db}.pgdump",
+                    kind="pg_dump",
+                    database=db,
+                    argv=[
+                        self._tool("pg_dump"),
+                        "--format=custom",
+                        "--compress=0",
+                        "--no-password",
+                        "--dbname",
+                        self._conn.conninfo(db),
+                    ],
+                    env=env,
+                    where=self._conn.where(db),
+                    fingerprint=True,
+                )
+            )
+        return dumps
+
+    # -- target ---------------------------------------------------------------------
+
+    def _maintenance(self) -> psycopg.Connection[tuple[object, ...]]:
+        try:
+            return self._conn.connect("postgres")
+        except SourceUnavailable:
+            return self._conn.connect("template1")
+
+    def _exists(self, dbname: str) -> bool:
+        with self._maintenance() as conn:
+            row = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)).fetchone()
+        return row is not None
+
+    def target_is_empty(self, target_uri: str) -> bool:
+        target = _Conn(target_uri)
+        engine = PostgresEngine(target_uri, bin_dir=self._bin_dir)
+        if not engine._exists(target.dbname):
+            return True
+        with target.connect() as conn:
+            row = conn.execute(
+                f"""
+                SELECT
+                  EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                          WHERE n.nspname NOT IN {_SYSTEM_SCHEMAS}
+                            AND n.nspname NOT LIKE 'pg\\_temp\\_%'
+                            AND n.nspname NOT LIKE 'pg\\_toast\\_temp\\_%'
+                            AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                                            WHERE d.objid = c.oid AND d.deptype = 'e'))
+                  OR EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                             WHERE n.nspname NOT IN {_SYSTEM_SCHEMAS}
+                               AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                                               WHERE d.objid = p.oid AND d.deptype = 'e'))
+                  OR EXISTS (SELECT 1 FROM pg_namespace n
+                             WHERE n.nspname NOT IN {_SYSTEM_SCHEMAS} AND n.nspname <> 'public'
+                               AND n.nspname NOT LIKE 'pg\\_%'
+                               AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                                               WHERE d.objid = n.oid AND d.deptype = 'e'))
+                """  # noqa: S608 - constant text, no input
+            ).fetchone()
+        return not bool(row and row[0])
+
+    def prepare_target(self, target_uri: str) -> bool:
+        target = _Conn(target_uri)
+        engine = PostgresEngine(target_uri, bin_dir=self._bin_dir)
+        if engine._exists(target.dbname):
+            return False
+        with engine._maintenance() as conn:
+            try:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target.dbname)))
+            except psycopg.Error as exc:
+                raise DatabaseError(
+                    f"cannot create database {target.where()}: {_first_line(exc)}"
+                ) from None
+        log.info("pg.target_created", target=target.where())
+        return True
+
+    def drop_target(self, target_uri: str) -> None:
+        target = _Conn(target_uri)
+        engine = PostgresEngine(target_uri, bin_dir=self._bin_dir)
+        with engine._maintenance() as conn:
+            try:
+                conn.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                        sql.Identifier(target.dbname)
+                    )
+                )
+            except psycopg.Error as exc:
+                raise DatabaseError(
+                    f"cannot drop database {target.where()}: {_first_line(exc)}"
+                ) from None
+        log.info("pg.target_dropped", target=target.where())
+
+    def apply_globals(self, chunks: Iterable[bytes], target_uri: str) -> list[str]:
+        target = _Conn(target_uri)
+        script = b"".join(chunks)
+        try:
+            proc = subprocess.run(
+                [
+                    self._tool("psql"),
+                    "-X",
+                    "-q",
+                    "--no-password",
+                    "-v",
+                    "ON_ERROR_STOP=0",
+                    "-d",
+                    target.conninfo("postgres"),
+                    "-f",
+                    "-",
+                ],
+                input=script,
+                capture_output=True,
+                env=target.env(),
+                check=False,
+            )
+        except OSError as exc:
+            raise SourceUnavailable(f"cannot run psql: {exc}") from exc
+        err = proc.stderr.decode(errors="replace")
+        if proc.returncode != 0:
+            raise _tool_error("psql", target.where("postgres"), proc.returncode, err)
+        warnings = [line.strip() for line in err.splitlines() if "ERROR" in line]
+        for warning in warnings:
+            log.warning("pg.globals_warning", target=target.where(), warning=warning)
+        return warnings
+
+    def load(
+        self,
+        kind: str,
+        chunks: Iterable[bytes],
+        target_uri: str,
+        *,
+        replace: bool = False,
+        no_owner: bool = False,
+    ) -> None:
+        if kind == "pg_globals":
+            self.apply_globals(chunks, target_uri)
+            return
+        if kind != "pg_dump":
+            raise DatabaseError(f"cannot load an artifact of kind {kind!r} into PostgreSQL")
+        target = _Conn(target_uri)
+        argv = [
+            self._tool("pg_restore"),
+            "--single-transaction",
+            "--exit-on-error",
+            "--no-password",
+            "--dbname",
+            target.conninfo(),
+        ]
+        if replace:
+            argv += ["--clean", "--if-exists"]
+        if no_owner:
+            argv += ["--no-owner", "--no-privileges"]
+        _restore_from(argv, chunks, target.env(), target.where())
+
+    def fingerprint_target(self, target_uri: str, expected: Fingerprint) -> Fingerprint:
+        target = _Conn(target_uri)
+        with target.connect() as conn:
+            try:
+                return fingerprint_tables(conn, expected)
+            except psycopg.Error as exc:
+                raise DatabaseError(
+                    f"fingerprinting {target.where()} failed: {_first_line(exc)}"
+                ) from None
+
+
+def _restore_from(
+    argv: list[str], chunks: Iterable[bytes], env: dict[str, str], where: str
+) -> None:
+    """Pipe `chunks` into pg_restore; all or nothing.
+
+    If `chunks` raises, pg_restore is killed before its input is closed: it never sees an
+    end of input, so its single transaction can never commit a partial archive.
+    """
+    try:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
+        )
+    except OSError as exc:
+        raise SourceUnavailable(f"cannot run {argv[0]}: {exc}") from exc
+    assert proc.stdin is not None
+    assert proc.stderr is not None
+    errors = _StderrTail(proc.stderr)
+    errors.start()
+    broken = False
+    try:
+        for chunk in chunks:
+            try:
+                proc.stdin.write(chunk)
+            except BrokenPipeError:
+                broken = True  # pg_restore stopped reading: it failed; its message says why
+                break
+    except BaseException:
+        _kill(proc)
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+        raise
+    with contextlib.suppress(BrokenPipeError):
+        proc.stdin.close()
+    rc = proc.wait()
+    stderr = errors.text()
+    if rc != 0 or broken:
+        raise _tool_error("pg_restore", where, rc, stderr)
+
+
+def fingerprint_tables(
+    conn: psycopg.Connection[tuple[object, ...]], expected: Fingerprint
+) -> Fingerprint:
+    """Fingerprint, through `conn`, every table named in `expected` that exists."""
+    tables: dict[str, TableFingerprint] = {}
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        for statement in _DUMP_SESSION:
+            conn.execute(statement)
+        for name, exp in sorted(expected.tables.items()):
+            schema, _, table = name.partition(".")
+            found = conn.execute(
+                "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = %s AND c.relname = %s",
+                (schema, table),
+            ).fetchone()
+            if found is None:
+                continue
+            target = sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(table))
+            # The column list is pg_dump's own (quoted) text from an authenticated manifest.
+            columns = sql.SQL(f" ({exp.columns})" if exp.columns else "")
+            summer = LineSummer()
+            with conn.cursor().copy(sql.SQL("COPY {}{} TO STDOUT").format(target, columns)) as copy:
+                for data in copy:
+                    summer.feed(bytes(data))
+            tables[name] = summer.result(exp.columns)
+    return Fingerprint(tables=tables)
+
+
+_: type[Engine] = PostgresEngine
