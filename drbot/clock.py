@@ -8,7 +8,7 @@ from typing import Protocol
 
 
 class Clock(Protocol):
-    """Current UTC time and sleeping. `now()` is timezone-aware UTC; `monotonic()` is for durations."""
+    """Current time and sleeping: `now()` is timezone-aware UTC; `monotonic()` is for durations."""
 
     def now(self) -> datetime: ...
 

@@ -34,9 +34,7 @@ from drbot.ops.lock import policy_lock
 )
 @policies_option
 @json_option
-def command(
-    policy_name: str, backup_type: str, policies_dir: Path | None, as_json: bool
-) -> None:
+def command(policy_name: str, backup_type: str, policies_dir: Path | None, as_json: bool) -> None:
     """Take a full backup now: dump, compress, encrypt, store in every destination, verify.
 
     The database is read once; every destination receives the same encrypted stream. The

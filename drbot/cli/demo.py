@@ -7,6 +7,7 @@ import shutil
 import time
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -21,6 +22,10 @@ from drbot.ops.verify import run_verify
 from drbot.pipeline.filekey import FileKeyProvider, generate_key_file
 from drbot.policy.load import load_policy
 from drbot.storage.open import open_storage
+
+if TYPE_CHECKING:
+    from drbot.engines.postgres.localserver import LocalPostgres
+    from drbot.storage.base import Storage
 
 _POLICY = """\
 # Written by `drbot demo`: the demo's policy, valid like any other.
@@ -78,7 +83,8 @@ def command(workdir: Path) -> None:
     root = workdir.resolve()
     if root.exists():
         shutil.rmtree(root)
-    (root / "policies").mkdir(parents=True)
+    for sub in ("policies", "destinations/primary", "destinations/replica"):
+        (root / sub).mkdir(parents=True)
     key_path = root / "demo.key"
     t_start = time.monotonic()
 
@@ -121,42 +127,54 @@ def command(workdir: Path) -> None:
             f"      {report.checked_objects} objects, every frame authenticated, SHA-256 matches"
         )
 
-        _step(5, "Restoring into a second database, shop_restored (from the replica)")
-        target_uri = server.uri("shop_restored")
-        target = PostgresEngine(target_uri, None)
-        scan = scan_catalog(policy.name, storages, keys)
-        plan = plan_restore(
-            scan,
-            policy=policy.name,
-            target=target_uri,
-            target_state="empty" if target.target_is_empty(target_uri) else "not-empty",
-            from_destination="replica",
-        )
-        restored = execute_restore(
-            plan, scan, {s.name: s for s in storages}, target, target_uri, SystemClock()
-        )
-        click.echo(f"      restored in {restored.duration_s:.1f}s")
-
-        _step(6, "Comparing restored data with the backup's fingerprint")
-        if restored.mismatches:
-            raise IntegrityFailure(f"restored data differs: {restored.mismatches}")
-        assert plan.expected is not None
-        for name, t in sorted(plan.expected.tables.items()):
-            click.echo(f"      {name:<20} {t.rows:>7} rows  checksum {t.checksum[:12]}…  match")
+        _restore_and_compare(server, policy.name, storages, keys)
     finally:
         server.stop()
         server.remove()
 
+    _print_where(root, key_path, policy_path, result.backup_id, time.monotonic() - t_start)
+
+
+def _restore_and_compare(
+    server: LocalPostgres, policy_name: str, storages: list[Storage], keys: FileKeyProvider
+) -> None:
+    from drbot.engines.postgres.engine import PostgresEngine
+
+    _step(5, "Restoring into a second database, shop_restored (from the replica)")
+    target_uri = server.uri("shop_restored")
+    target = PostgresEngine(target_uri, None)
+    scan = scan_catalog(policy_name, storages, keys)
+    plan = plan_restore(
+        scan,
+        policy=policy_name,
+        target=target_uri,
+        target_state="empty" if target.target_is_empty(target_uri) else "not-empty",
+        from_destination="replica",
+    )
+    restored = execute_restore(
+        plan, scan, {s.name: s for s in storages}, target, target_uri, SystemClock()
+    )
+    click.echo(f"      restored in {restored.duration_s:.1f}s")
+
+    _step(6, "Comparing restored data with the backup's fingerprint")
+    if restored.mismatches:
+        raise IntegrityFailure(f"restored data differs: {restored.mismatches}")
+    assert plan.expected is not None
+    for name, t in sorted(plan.expected.tables.items()):
+        click.echo(f"      {name:<20} {t.rows:>7} rows  checksum {t.checksum[:12]}…  match")
+
+
+def _print_where(
+    root: Path, key_path: Path, policy_path: Path, backup_id: str, elapsed_s: float
+) -> None:
     click.echo("")
-    click.secho(f"Demo complete in {time.monotonic() - t_start:.1f}s. Where things are:", bold=True)
+    click.secho(f"Demo complete in {elapsed_s:.1f}s. Where things are:", bold=True)
     click.echo(f"  key           {key_path}   (mode 0600; without it the backups are unreadable)")
     click.echo(f"  policy        {policy_path}")
     click.echo(f"  destinations  {root}/destinations/primary and …/replica")
-    click.echo(f"  backup        {result.backup_id} (manifest.json + encrypted artifacts)")
+    click.echo(f"  backup        {backup_id} (manifest.json + encrypted artifacts)")
     click.echo("Try:")
-    click.echo(
-        f"  DRBOT_DEMO_DB_URI=postgresql://unused drbot list --policies {root}/policies"
-    )
+    click.echo(f"  DRBOT_DEMO_DB_URI=postgresql://unused drbot list --policies {root}/policies")
     click.echo(
         f"  DRBOT_DEMO_DB_URI=postgresql://unused drbot verify --policies {root}/policies "
         "--policy demo"

@@ -96,7 +96,9 @@ def _result_json(result: RestoreResult) -> dict[str, Any]:
 @click.option(
     "--replace", is_flag=True, help="Allow a non-empty target: drop the backup's objects first."
 )
-@click.option("--with-globals", is_flag=True, help="Also create roles from the backup (best effort).")
+@click.option(
+    "--with-globals", is_flag=True, help="Also create roles from the backup (best effort)."
+)
 @click.option("--no-owner", is_flag=True, help="Do not restore ownership and privileges.")
 @policies_option
 @json_option
@@ -166,6 +168,19 @@ def command(
         result = execute_restore(
             plan, scan, storages_by_name, engine, target_uri, SystemClock(), progress=progress
         )
+    _report(plan, result, as_json=as_json)
+    if result.mismatches:
+        lines = "; ".join(
+            f"{m.table}: {m.problem} (expected {m.expected}, got {m.actual})"
+            for m in result.mismatches[:10]
+        )
+        raise IntegrityFailure(
+            f"restored data differs from the backup's fingerprint: {lines}",
+            hint="inspect the target; restore from another destination with --from",
+        )
+
+
+def _report(plan: RestorePlan, result: RestoreResult, *, as_json: bool) -> None:
     if as_json:
         print_json({"plan": _plan_json(plan), "result": _result_json(result)})
     else:
@@ -181,12 +196,3 @@ def command(
             click.echo(f"Data check: all {result.tables} table(s) match the backup's fingerprint.")
         elif not result.fingerprint_checked:
             click.echo("Data check: the backup has no fingerprint to compare with.")
-    if result.mismatches:
-        lines = "; ".join(
-            f"{m.table}: {m.problem} (expected {m.expected}, got {m.actual})"
-            for m in result.mismatches[:10]
-        )
-        raise IntegrityFailure(
-            f"restored data differs from the backup's fingerprint: {lines}",
-            hint="inspect the target; restore from another destination with --from",
-        )

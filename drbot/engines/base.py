@@ -133,7 +133,7 @@ class Engine(Protocol):
         ...
 
     def apply_globals(self, chunks: Iterable[bytes], target_uri: str) -> list[str]:
-        """Apply a globals artifact (roles...) best effort; returns warnings, e.g. roles that exist."""
+        """Apply a globals artifact (roles...) best effort; returns warnings (e.g. roles exist)."""
         ...
 
     def load(

@@ -63,7 +63,7 @@ class DestinationWriter:
     def _run(self) -> None:
         try:
             self.result = self.storage.put(self.key, self._chunks())
-        except BaseException as exc:  # noqa: BLE001 - reported to the producer via .error
+        except BaseException as exc:
             self.error = exc
 
     @property

@@ -277,7 +277,9 @@ def _load(
     return warnings
 
 
-def _report(chunks: object, name: str, progress: Callable[[str, int], None]) -> object:
+def _report(
+    chunks: Iterable[bytes], name: str, progress: Callable[[str, int], None]
+) -> Iterator[bytes]:
     total = 0
     for chunk in chunks:
         total += len(chunk)

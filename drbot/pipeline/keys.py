@@ -1,7 +1,8 @@
 """The KeyProvider protocol: how per-backup data keys are wrapped and unwrapped.
 
 drbot encrypts every backup under a fresh random 32-byte data key; the policy's key (a key file,
-or an AWS KMS key per region) only ever wraps that data key. Manifests record the key id, never a key.
+or an AWS KMS key per region) only ever wraps that data key. Manifests record the key id,
+never a key.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -39,7 +40,7 @@ def prefetch(source: Iterable[T], *, depth: int = 4) -> Iterator[T]:
                 if stop.is_set():
                     return
             q.put(_END)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+        except BaseException as exc:
             q.put(_Failure(exc))
         finally:
             close = getattr(it, "close", None)
@@ -59,8 +60,6 @@ def prefetch(source: Iterable[T], *, depth: int = 4) -> Iterator[T]:
     finally:
         stop.set()
         while thread.is_alive():
-            try:
+            with contextlib.suppress(queue.Empty):
                 q.get(timeout=0.1)
-            except queue.Empty:
-                pass
         thread.join()

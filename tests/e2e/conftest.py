@@ -1,4 +1,4 @@
-"""A person's setup for e2e tests: a PostgreSQL source with data, two S3 regions, a key, a policy."""
+"""A person's setup for e2e tests: a PostgreSQL source, two S3 regions, a key, a policy."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from drbot.engines.postgres.localserver import LocalPostgres
 from tests.fixtures.s3 import S3Server
 
 DRBOT = str(Path(sys.executable).parent / "drbot")
@@ -43,7 +44,8 @@ SAMPLE = """
 CREATE TABLE orders (id bigserial PRIMARY KEY, customer text NOT NULL, total numeric(10,2),
                      placed_at timestamptz NOT NULL, note text, payload jsonb, receipt bytea);
 INSERT INTO orders (customer, total, placed_at, note, payload, receipt)
-SELECT 'secret-customer-' || i, i * 1.25, timestamptz '2026-01-01 00:00+00' + i * interval '1 minute',
+SELECT 'secret-customer-' || i, i * 1.25,
+       timestamptz '2026-01-01 00:00+00' + i * interval '1 minute',
        CASE WHEN i % 5 = 0 THEN E'tab\\there\\nnewline' END, jsonb_build_object('i', i),
        decode(md5(i::text), 'hex')
 FROM generate_series(1, {rows}) AS i;
@@ -56,7 +58,7 @@ class Env:
     """Everything a test needs to type drbot commands against real parts."""
 
     tmp: Path
-    pg: object
+    pg: LocalPostgres
     s3: S3Server
     database: str
     buckets: tuple[str, str]
@@ -93,11 +95,11 @@ class Env:
 
 
 @pytest.fixture
-def e2e(tmp_path: Path, pg_server: object, s3_server: S3Server) -> Env:
+def e2e(tmp_path: Path, pg_server: LocalPostgres, s3_server: S3Server) -> Env:
     """A source database with 5,000 orders, two buckets in two regions, a key and a policy."""
     database = f"shop_{uuid.uuid4().hex[:8]}"
-    pg_server.create_database(database)  # type: ignore[attr-defined]
-    pg_server.execute(database, SAMPLE.format(rows=5000))  # type: ignore[attr-defined]
+    pg_server.create_database(database)
+    pg_server.execute(database, SAMPLE.format(rows=5000))
     buckets = (s3_server.make_bucket("us-east-1"), s3_server.make_bucket("eu-west-1"))
     policies = tmp_path / "policies"
     policies.mkdir()
@@ -106,16 +108,12 @@ def e2e(tmp_path: Path, pg_server: object, s3_server: S3Server) -> Env:
     )
     keys = tmp_path / "keys"
     keys.mkdir()
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("AWS_", "DRBOT_", "PG"))
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DRBOT_", "PG"))}
     env.update(
         AWS_ENDPOINT_URL=s3_server.endpoint_url,
         AWS_ACCESS_KEY_ID="testing",
         AWS_SECRET_ACCESS_KEY="testing",
-        SHOP_DB_URI=pg_server.uri(database),  # type: ignore[attr-defined]
+        SHOP_DB_URI=pg_server.uri(database),
         DRBOT_KEY_DIR=str(keys),
         DRBOT_POLICIES=str(policies),
         DRBOT_STATE_DIR=str(tmp_path / "state"),

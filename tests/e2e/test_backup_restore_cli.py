@@ -46,7 +46,7 @@ def test_backup_lists_in_both_regions_and_restores_identical_data(e2e: Env) -> N
         assert field in row
     assert row["type"] == "full"
     assert row["destinations"] == ["primary", "replica"]
-    target = e2e.pg.uri(f"{e2e.database}_restored")  # type: ignore[attr-defined]
+    target = e2e.pg.uri(f"{e2e.database}_restored")
     res = e2e.run("restore", "--policy", "shop", "--to", target, "--yes")
     assert res.returncode == 0, res.stderr
     assert "match the backup's fingerprint" in res.stdout
@@ -86,13 +86,13 @@ def test_flipped_byte_in_one_region_fails_verify_and_other_region_restores(e2e: 
     assert "primary" in res.stderr and key.split("/", 1)[1] in res.stderr
     assert e2e.run("verify", "--policy", "shop", "--destination", "replica").returncode == 0
 
-    target = e2e.pg.uri(f"{e2e.database}_r1")  # type: ignore[attr-defined]
+    target = e2e.pg.uri(f"{e2e.database}_r1")
     res = e2e.run("restore", "--policy", "shop", "--to", target, "--from", "replica", "--yes")
     assert res.returncode == 0, res.stderr
     assert _count(target, "select count(*) from orders") == 5000
 
     # without --from, drbot notices the bad primary copy and falls back to the replica
-    target2 = e2e.pg.uri(f"{e2e.database}_r2")  # type: ignore[attr-defined]
+    target2 = e2e.pg.uri(f"{e2e.database}_r2")
     res = e2e.run("restore", "--policy", "shop", "--to", target2, "--yes")
     assert res.returncode == 0, res.stderr
     assert "primary" in res.stderr  # the warning about the unusable copy
@@ -100,17 +100,17 @@ def test_flipped_byte_in_one_region_fails_verify_and_other_region_restores(e2e: 
 
 
 def test_wrong_key_exits_12_and_writes_nothing(e2e: Env) -> None:
-    """With another key in place, list and restore exit 12 and the target database is not created."""
+    """With another key, list and restore exit 12 and the target database is not created."""
     _backup(e2e)
     keyfile = e2e.tmp / "keys" / "shop.key"
     keyfile.unlink()
     assert e2e.run("keys", "generate", "--out", str(keyfile)).returncode == 0
     target_db = f"{e2e.database}_wrongkey"
-    res = e2e.run("restore", "--policy", "shop", "--to", e2e.pg.uri(target_db), "--yes")  # type: ignore[attr-defined]
+    res = e2e.run("restore", "--policy", "shop", "--to", e2e.pg.uri(target_db), "--yes")
     assert res.returncode == 12, res.stderr
     assert "key" in res.stderr.lower()
     exists = _count(
-        e2e.pg.uri("postgres"),  # type: ignore[attr-defined]
+        e2e.pg.uri("postgres"),
         f"select count(*) from pg_database where datname = '{target_db}'",
     )
     assert exists == 0
@@ -119,7 +119,11 @@ def test_wrong_key_exits_12_and_writes_nothing(e2e: Env) -> None:
 
 def test_killed_backups_never_list_as_complete_and_are_cleaned_up(e2e: Env) -> None:
     """SIGKILL at random moments never leaves a listed backup; the next backup removes leftovers."""
-    e2e.pg.execute(e2e.database, "insert into orders (customer, placed_at, payload) select repeat(md5(i::text), 40), now(), '{}' from generate_series(1, 60000) i")  # type: ignore[attr-defined]
+    e2e.pg.execute(
+        e2e.database,
+        "insert into orders (customer, placed_at, payload) "
+        "select repeat(md5(i::text), 40), now(), '{}' from generate_series(1, 60000) i",
+    )
     rng = random.Random(1234)
     for _ in range(3):
         proc = e2e.popen("backup", "--policy", "shop")
@@ -157,28 +161,36 @@ def test_unreachable_database_exits_14_and_unreachable_storage_15(e2e: Env) -> N
 
 
 def test_restore_refuses_non_empty_target_and_dry_run_writes_nothing(e2e: Env) -> None:
-    """A non-empty target needs --replace (exit 2); --dry-run prints the plan and changes nothing."""
+    """A non-empty target needs --replace (exit 2); --dry-run prints the plan, changes nothing."""
     _backup(e2e)
     res = e2e.run("restore", "--policy", "shop", "--to", e2e.env["SHOP_DB_URI"], "--yes")
     assert res.returncode == 2
     assert "--replace" in res.stderr
     target_db = f"{e2e.database}_dry"
-    res = e2e.run("restore", "--policy", "shop", "--to", e2e.pg.uri(target_db), "--dry-run")  # type: ignore[attr-defined]
+    res = e2e.run("restore", "--policy", "shop", "--to", e2e.pg.uri(target_db), "--dry-run")
     assert res.returncode == 0, res.stderr
     assert "Restore plan" in res.stdout and ".pgdump.zst.enc" in res.stdout
     exists = _count(
-        e2e.pg.uri("postgres"),  # type: ignore[attr-defined]
+        e2e.pg.uri("postgres"),
         f"select count(*) from pg_database where datname = '{target_db}'",
     )
     assert exists == 0
-    res = e2e.run("restore", "--policy", "shop", "--to", e2e.pg.uri(target_db))  # type: ignore[attr-defined]
+    res = e2e.run("restore", "--policy", "shop", "--to", e2e.pg.uri(target_db))
     assert res.returncode == 2, "without --yes and without a terminal, restore must refuse"
 
 
 def test_every_command_has_help_with_an_example(e2e: Env) -> None:
     """`--help` works for every command and shows an example."""
-    for cmd in (["backup"], ["list"], ["verify"], ["restore"], ["keys", "generate"],
-                ["policy", "validate"], ["policy", "schema"], ["demo"]):
+    for cmd in (
+        ["backup"],
+        ["list"],
+        ["verify"],
+        ["restore"],
+        ["keys", "generate"],
+        ["policy", "validate"],
+        ["policy", "schema"],
+        ["demo"],
+    ):
         res = e2e.run(*cmd, "--help")
         assert res.returncode == 0, (cmd, res.stderr)
         assert "Example" in res.stdout, cmd

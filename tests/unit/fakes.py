@@ -1,4 +1,4 @@
-"""A small in-process Engine for unit tests of the operations (real Engine contract, fake database)."""
+"""An in-process Engine for unit tests of the operations (real contract, fake database)."""
 
 from __future__ import annotations
 
@@ -45,9 +45,7 @@ class FakeEngine:
         dumps: list[DumpStream] = [FakeDump("globals.sql", "pg_globals", None, b"CREATE ROLE x;\n")]
         for db, data in self.databases.items():
             fp = Fingerprint({"public.t": TableFingerprint(len(data), f"{len(data):032x}", "a")})
-            dumps.append(
-                FakeDump(f"db/{db}.pgdump", "pg_dump", db, data, self.fail_dump_after, fp)
-            )
+            dumps.append(FakeDump(f"db/{db}.pgdump", "pg_dump", db, data, self.fail_dump_after, fp))
         return dumps
 
     def target_is_empty(self, target_uri: str) -> bool:

@@ -57,7 +57,7 @@ def test_manifest_round_trips_and_authenticates() -> None:
 def test_an_edited_manifest_fails_authentication(edit: tuple[bytes, bytes]) -> None:
     """Changing any recorded value makes the manifest fail authentication, naming where it is."""
     raw = encode_manifest(_manifest(), KEY).replace(*edit)
-    with pytest.raises(IntegrityFailure, match="primary:m.json"):
+    with pytest.raises(IntegrityFailure, match=r"primary:m\.json"):
         authenticate_manifest(raw, lambda w: KEY, where="primary:m.json")
 
 
@@ -100,13 +100,24 @@ def test_keys_are_built_and_parsed_in_one_place() -> None:
 
 def test_fingerprint_comparison_names_every_difference() -> None:
     """Missing, unexpected, row-count and checksum differences are each reported by table."""
-    exp = Fingerprint({
-        "a": TableFingerprint(1, "x"), "b": TableFingerprint(2, "y"), "c": TableFingerprint(3, "z"),
-    })
-    act = Fingerprint({
-        "b": TableFingerprint(3, "y"), "c": TableFingerprint(3, "w"), "d": TableFingerprint(0, "q"),
-    })
+    exp = Fingerprint(
+        {
+            "a": TableFingerprint(1, "x"),
+            "b": TableFingerprint(2, "y"),
+            "c": TableFingerprint(3, "z"),
+        }
+    )
+    act = Fingerprint(
+        {
+            "b": TableFingerprint(3, "y"),
+            "c": TableFingerprint(3, "w"),
+            "d": TableFingerprint(0, "q"),
+        }
+    )
     assert [(m.table, m.problem) for m in compare_fingerprints(exp, act)] == [
-        ("a", "missing"), ("b", "rows"), ("c", "checksum"), ("d", "unexpected"),
+        ("a", "missing"),
+        ("b", "rows"),
+        ("c", "checksum"),
+        ("d", "unexpected"),
     ]
     assert compare_fingerprints(exp, exp) == []

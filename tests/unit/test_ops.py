@@ -40,7 +40,10 @@ def keys(tmp_path: Path) -> FileKeyProvider:
 
 
 def _stores() -> list[MemoryStorage]:
-    return [MemoryStorage("primary", region="us-east-1"), MemoryStorage("replica", region="eu-west-1")]
+    return [
+        MemoryStorage("primary", region="us-east-1"),
+        MemoryStorage("replica", region="eu-west-1"),
+    ]
 
 
 def _data(n: int = 200_000) -> bytes:
@@ -142,7 +145,7 @@ def test_an_edited_manifest_is_not_listed_and_is_reported(keys: FileKeyProvider)
 
 
 def test_another_key_cannot_open_the_manifests(keys: FileKeyProvider, tmp_path: Path) -> None:
-    """With a different key, manifests are key problems, and planning a restore raises KeyProblem."""
+    """With another key, manifests are key problems and planning a restore raises KeyProblem."""
     stores = _stores()
     run_backup(SETTINGS, FakeEngine({"shop": _data(5000)}), stores, keys, FakeClock())
     other = tmp_path / "other.key"
@@ -174,12 +177,12 @@ def test_restore_falls_back_to_the_next_destination_on_a_corrupt_copy(
 
 
 def test_restore_from_only_a_corrupt_copy_fails_and_loads_nothing(keys: FileKeyProvider) -> None:
-    """With --from naming the corrupt copy, restore raises IntegrityFailure and drops what it created."""
+    """With --from naming the corrupt copy, restore raises IntegrityFailure, drops what it made."""
     stores = _stores()
     result = run_backup(SETTINGS, FakeEngine({"shop": _data()}), stores, keys, FakeClock())
     key = layout.artifact_key("shop", result.backup_id, "db/shop.pgdump")
     raw, at = stores[0].objects[key]
-    stores[0].objects[key] = (raw[:5000] + b"\0" + raw[5001:], at)
+    stores[0].objects[key] = (raw[:5000] + bytes([raw[5000] ^ 0xFF]) + raw[5001:], at)
     scan = scan_catalog("shop", stores, keys)
     plan = plan_restore(
         scan, policy="shop", target="t", target_state="empty", from_destination="primary"
@@ -199,14 +202,19 @@ def test_plan_restore_picks_and_refuses_as_documented(keys: FileKeyProvider) -> 
     clock.advance(3600)
     second = run_backup(SETTINGS, engine, stores, keys, clock)
     scan = scan_catalog("shop", stores, keys)
-    with pytest.raises(UsageError, match="--database|2 databases"):
+    with pytest.raises(UsageError, match=r"--database|2 databases"):
         plan_restore(scan, policy="shop", target="t", target_state="empty")
     plan = plan_restore(scan, policy="shop", target="t", target_state="empty", database="crm")
     assert plan.backup_id == second.backup_id
     assert [a.name for a in plan.artifacts] == ["db/crm.pgdump"]
     plan = plan_restore(
-        scan, policy="shop", target="t", target_state="empty", database="shop",
-        backup_id=first.backup_id, with_globals=True,
+        scan,
+        policy="shop",
+        target="t",
+        target_state="empty",
+        database="shop",
+        backup_id=first.backup_id,
+        with_globals=True,
     )
     assert plan.backup_id == first.backup_id
     assert [a.name for a in plan.artifacts] == ["globals.sql", "db/shop.pgdump"]
@@ -227,11 +235,10 @@ def test_no_backups_means_no_restore_point(keys: FileKeyProvider) -> None:
 
 
 def test_policy_lock_is_exclusive(tmp_path: Path) -> None:
-    """A second holder of the same policy's lock gets LockHeld (exit 11); another policy does not."""
+    """A second holder of one policy's lock gets LockHeld (exit 11); another policy does not."""
     with policy_lock(tmp_path, "shop"):
-        with pytest.raises(LockHeld) as err:
-            with policy_lock(tmp_path, "shop"):
-                pass
+        with pytest.raises(LockHeld) as err, policy_lock(tmp_path, "shop"):
+            pass
         assert err.value.exit_code == 11
         with policy_lock(tmp_path, "crm"):
             pass
