@@ -275,7 +275,8 @@ def decrypt_chunks(
                     "stream)"
                 ) from None
             raise IntegrityFailure(
-                f"frame {index} failed authentication (corrupt or truncated stream)"
+                f"frame {index} failed authentication "
+                "(corrupt or truncated stream, or bytes after its end)"
             ) from None
         if last:
             if not reader.at_end():

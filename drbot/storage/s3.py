@@ -239,8 +239,10 @@ class S3Storage:
                     body = bytes(buffer)
                     buffer.clear()
                     parts.append(self._upload_part(key, full, upload_id, len(parts) + 1, body))
-                self._complete_upload(key, full, upload_id, parts, lock)
+                self._complete_upload(key, full, upload_id, parts)
                 upload_id = None
+                if lock:
+                    self._ensure_lock(key, full, lock)
         except BaseException:
             if upload_id is not None:
                 self._abort_upload(key, full, upload_id)
@@ -291,24 +293,25 @@ class S3Storage:
         return {"PartNumber": number, "ETag": uploaded["ETag"], "ChecksumSHA256": checksum}
 
     def _complete_upload(
-        self,
-        key: str,
-        full: str,
-        upload_id: str,
-        parts: list[CompletedPartTypeDef],
-        lock: dict[str, Any],
+        self, key: str, full: str, upload_id: str, parts: builtins.list[CompletedPartTypeDef]
     ) -> None:
         with self._s3_errors("CompleteMultipartUpload", key):
             self._client.complete_multipart_upload(
                 Bucket=self.bucket, Key=full, UploadId=upload_id, MultipartUpload={"Parts": parts}
             )
-        if not lock:
-            return
-        # S3 applies the lock given at CreateMultipartUpload; some S3-compatible servers (moto
-        # among them) ignore it there, so check, and set it explicitly if it did not stick.
-        with self._s3_errors("HeadObject", key):
-            head = self._client.head_object(Bucket=self.bucket, Key=full)
-        if head.get("ObjectLockMode") is None:
+
+    def _ensure_lock(self, key: str, full: str, lock: dict[str, Any]) -> None:
+        """Make sure a completed multipart object carries its lock, or remove it and raise.
+
+        S3 applies the lock given at CreateMultipartUpload; some S3-compatible servers (moto
+        among them) ignore it there, so check and set it explicitly. If that is refused, the
+        unlocked object must not stay behind looking like a successful put.
+        """
+        try:
+            with self._s3_errors("HeadObject", key):
+                head = self._client.head_object(Bucket=self.bucket, Key=full)
+            if head.get("ObjectLockMode") is not None:
+                return
             with self._s3_errors("PutObjectRetention", key):
                 self._client.put_object_retention(
                     Bucket=self.bucket,
@@ -318,6 +321,15 @@ class S3Storage:
                         "RetainUntilDate": lock["ObjectLockRetainUntilDate"],
                     },
                 )
+        except DrbotError:
+            try:
+                with self._s3_errors("DeleteObject", key):
+                    self._client.delete_object(Bucket=self.bucket, Key=full)
+            except DrbotError as exc:
+                log.warning(
+                    "storage.unlocked_object_left", destination=self.name, key=key, error=str(exc)
+                )
+            raise
 
     def _abort_upload(self, key: str, full: str, upload_id: str) -> None:
         """Best effort: the original error matters more; `abort_incomplete` mops up later."""
