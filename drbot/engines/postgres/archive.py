@@ -62,19 +62,22 @@ class LineSummer:
             return
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()
+        try:
+            # pg_dump ends its COPY data with "\." (a data row can never be exactly that: a
+            # backslash is always escaped); whatever follows is padding.
+            end = lines.index(b"\\.")
+        except ValueError:
+            pass
+        else:
+            del lines[end:]
+            self._done = True
         sha = hashlib.sha256
-        total = self.total
-        rows = self.rows
-        for line in lines:
-            if line == b"\\.":
-                # pg_dump ends its COPY data with "\." (a data row can never be exactly that:
-                # a backslash is always escaped); whatever follows is padding.
-                self._done = True
-                break
-            total += int.from_bytes(sha(line).digest()[:16], "big")
-            rows += 1
-        self.total = total & _MASK
-        self.rows = rows
+        from_bytes = int.from_bytes
+        # One comprehension, not a loop with +=: this runs once per row of every table.
+        self.total = (
+            self.total + sum([from_bytes(sha(line).digest()[:16]) for line in lines])
+        ) & _MASK
+        self.rows += len(lines)
 
     def result(self, columns: str) -> TableFingerprint:
         if self._partial and not self._done:
@@ -158,10 +161,6 @@ class ArchiveFingerprinter:
         if self._failed is not None:
             return
         try:
-            if self._chunk_left:
-                data = self._payload(data)
-                if not data:
-                    return
             self._buf += data
             if self._in_toc:
                 if len(self._buf) < self._next_attempt:
@@ -266,38 +265,82 @@ class ArchiveFingerprinter:
                 )
         return entries
 
-    def _route(self, payload: bytes) -> None:
-        """Give chunk bytes to the current table's summer (large object bytes are skipped)."""
-        self._chunk_left -= len(payload)
-        if self._block is not None and self._block[0] == _BLK_DATA:
-            summer = self._sums.get(self._block[1])
-            if summer is not None:
-                summer.feed(payload)
-
-    def _payload(self, data: bytes) -> bytes:
-        """Route the first bytes of `data` to the current chunk; return the rest."""
-        take = min(self._chunk_left, len(data))
-        self._route(data[:take])
-        return data[take:]
-
     def _parse_blocks(self) -> None:
         buf = self._buf
-        pos = 0
         while True:
-            if self._chunk_left:
-                end = min(len(buf), pos + self._chunk_left)
-                self._route(bytes(buf[pos:end]))
-                pos = end
-                if self._chunk_left:
+            block = self._block
+            if block is not None and block[0] == _BLK_DATA:
+                pos = self._data_chunks(buf)
+            else:
+                pos = 0
+                if self._chunk_left:  # inside a large object's chunk: skip it
+                    pos = min(len(buf), self._chunk_left)
+                    self._chunk_left -= pos
+                    if self._chunk_left:
+                        del buf[:pos]
+                        return
+                cur = _Cursor(buf, pos, self._int_size)
+                try:
+                    self._read_marker(cur)
+                except _NeedMore:
+                    del buf[:pos]  # the incomplete marker is re-read next time
+                    return
+                pos = cur.pos
+            if pos == 0:
+                return  # nothing more can be read without more input
+            del buf[:pos]
+
+    def _data_chunks(self, buf: bytearray) -> int:
+        """Consume a table data block's chunks from `buf`; returns how many bytes were used.
+
+        pg_dump writes one chunk per row, so this loop runs once per row of every table: it
+        only slices, and the payloads reach the table's summer in one piece per call.
+        """
+        size = len(buf)
+        marker = 1 + self._int_size
+        view = memoryview(buf)
+        pending: list[memoryview] = []
+        pos = 0
+        left = self._chunk_left
+        from_bytes = int.from_bytes
+        try:
+            while True:
+                if left:
+                    end = pos + left
+                    if end > size:
+                        pending.append(view[pos:size])
+                        left = end - size
+                        pos = size
+                        break
+                    pending.append(view[pos:end])
+                    pos = end
+                    left = 0
+                if pos + marker > size:
                     break
-                continue
-            cur = _Cursor(buf, pos, self._int_size)
-            try:
-                self._read_marker(cur)
-            except _NeedMore:
-                break  # `pos` stays before the incomplete marker; it is re-read next time
-            pos = cur.pos
-        del buf[:pos]
+                if buf[pos]:
+                    raise _Unsupported("negative chunk length in table data")
+                left = from_bytes(view[pos + 1 : pos + marker], "little")
+                pos += marker
+                if not left:
+                    self._flush(pending)
+                    self._block = None
+                    break
+            self._flush(pending)
+        finally:
+            pending.clear()
+            view.release()
+        self._chunk_left = left
+        return pos
+
+    def _flush(self, pending: list[memoryview]) -> None:
+        """Give the current table's collected payload bytes to its summer."""
+        if not pending:
+            return
+        if self._block is not None:
+            summer = self._sums.get(self._block[1])
+            if summer is not None:
+                summer.feed(b"".join(pending))
+        pending.clear()
 
     def _read_marker(self, cur: _Cursor) -> None:
         """Read what comes between payloads: a block header, a large object's oid or a length."""
