@@ -181,13 +181,17 @@ class ArchiveFingerprinter:
             self.feed(b"")
         if self._failed is not None:
             return None
-        if self._in_toc or self._chunk_left or self._block is not None:
+        if self._in_toc or self._chunk_left or self._block is not None or self._buf:
             self._fail("archive ended early")
+            return None
+        missing = [e for e in self._entries.values() if e.dump_id not in self._sums]
+        if missing:
+            # pg_dump writes a data block for every TABLE DATA entry, even an empty table's.
+            self._fail(f"archive ended before the data of {missing[0].namespace}.{missing[0].tag}")
             return None
         tables: dict[str, TableFingerprint] = {}
         for dump_id, entry in self._entries.items():
-            summer = self._sums.get(dump_id, LineSummer())
-            tables[f"{entry.namespace}.{entry.tag}"] = summer.result(entry.columns)
+            tables[f"{entry.namespace}.{entry.tag}"] = self._sums[dump_id].result(entry.columns)
         return Fingerprint(tables=tables)
 
     # -- parsing --------------------------------------------------------------------
