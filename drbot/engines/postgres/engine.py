@@ -154,6 +154,20 @@ class _StderrTail(threading.Thread):
         return b"".join(self._tail).decode(errors="replace")
 
 
+def _spawn(
+    argv: list[str], env: dict[str, str], *, stdin: int, stdout: int
+) -> tuple[subprocess.Popen[bytes], _StderrTail]:
+    """Start a PostgreSQL program with its stderr drained; SourceUnavailable if it cannot run."""
+    try:
+        proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, env=env)
+    except OSError as exc:
+        raise SourceUnavailable(f"cannot run {argv[0]}: {exc}") from exc
+    assert proc.stderr is not None
+    errors = _StderrTail(proc.stderr)
+    errors.start()
+    return proc, errors
+
+
 def _kill(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.kill()
@@ -189,20 +203,10 @@ class _ProgramDump:
         self._used = True
         tool = Path(self._argv[0]).name
         log.debug("pg.dump_started", artifact=self.name, tool=tool, where=self._where)
-        try:
-            proc = subprocess.Popen(
-                self._argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=self._env,
-            )
-        except OSError as exc:
-            raise SourceUnavailable(f"cannot run {self._argv[0]}: {exc}") from exc
+        proc, errors = _spawn(
+            self._argv, self._env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE
+        )
         assert proc.stdout is not None
-        assert proc.stderr is not None
-        errors = _StderrTail(proc.stderr)
-        errors.start()
         finished = False
         try:
             while True:
@@ -497,16 +501,8 @@ def _restore_from(
     If `chunks` raises, pg_restore is killed before its input is closed: it never sees an
     end of input, so its single transaction can never commit a partial archive.
     """
-    try:
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
-        )
-    except OSError as exc:
-        raise SourceUnavailable(f"cannot run {argv[0]}: {exc}") from exc
+    proc, errors = _spawn(argv, env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
     assert proc.stdin is not None
-    assert proc.stderr is not None
-    errors = _StderrTail(proc.stderr)
-    errors.start()
     broken = False
     try:
         for chunk in chunks:
