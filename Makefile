@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both set everything up first.
-.PHONY: demo test check lint typecheck unit contract integration e2e lock bootstrap clean
+.PHONY: demo test check lint typecheck unit contract integration e2e bench lock bootstrap clean
 
 VENV := .venv/bin
 PYTEST_ARGS ?=
@@ -16,14 +16,18 @@ test: bootstrap check
 check: lint typecheck
 
 lint:
-	$(VENV)/ruff check drbot tests
-	$(VENV)/ruff format --check drbot tests
+	$(VENV)/ruff check drbot tests bench
+	$(VENV)/ruff format --check drbot tests bench
 
 typecheck:
 	$(VENV)/mypy
 
 unit contract integration e2e: bootstrap
 	$(VENV)/pytest tests/$@ $(PYTEST_ARGS)
+
+# Throughput of backup/restore against pg_dump alone, and of each stage (JSON lines).
+bench: bootstrap
+	$(VENV)/python bench/backup_throughput.py $(BENCH_ROWS)
 
 # Regenerate the lock files after changing dependencies in pyproject.toml.
 lock:
