@@ -7,7 +7,6 @@ from pathlib import Path
 from drbot.errors import PolicyInvalid
 from drbot.pipeline.filekey import FileKeyProvider
 from drbot.pipeline.keys import KeyProvider
-from drbot.pipeline.kms import KmsKeyProvider
 
 _EXPECTED = "expected 'file:PATH' or 'kms:ALIAS-KEY-ID-OR-ARN'"
 
@@ -29,6 +28,9 @@ def key_provider_from_ref(ref: str, *, endpoint_url: str | None = None) -> KeyPr
     if scheme == "kms":
         if not rest:
             raise PolicyInvalid(f"key reference 'kms:' names no key; {_EXPECTED}")
+        # boto3 costs a third of a second to import; only KMS policies pay for it.
+        from drbot.pipeline.kms import KmsKeyProvider
+
         return KmsKeyProvider(rest, endpoint_url=endpoint_url)
     shown = scheme if scheme.isalnum() and len(scheme) <= 16 else "?"
     raise PolicyInvalid(f"key reference scheme '{shown}:' is not supported; {_EXPECTED}")

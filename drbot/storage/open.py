@@ -8,7 +8,6 @@ from urllib.parse import unquote, urlsplit
 from drbot.errors import PolicyInvalid
 from drbot.storage.base import ObjectLock, Storage
 from drbot.storage.local import LocalStorage
-from drbot.storage.s3 import S3Storage
 
 
 def open_storage(
@@ -44,6 +43,9 @@ def open_storage(
                 f"destination {name}: s3 destinations need a region",
                 hint="add `region:` (e.g. us-east-1) to the destination",
             )
+        # boto3 costs a third of a second to import; local destinations do not pay for it.
+        from drbot.storage.s3 import S3Storage
+
         return S3Storage(
             name,
             parts.netloc,
