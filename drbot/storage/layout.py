@@ -7,19 +7,26 @@ Layout inside a destination (relative to its URL's prefix):
 
 A backup id is `YYYYMMDDTHHMMSSZ-<6 hex>`: UTC start time plus randomness, so ids sort by time
 and two backups started in the same second never collide.
+
+Artifact names come from the source (a database may be called `my db` or `café`), so each
+'/'-separated part of a name is percent-encoded in the key: every byte outside
+`A-Z a-z 0-9 _ - .` becomes `%XX` (UTF-8, upper-case hex), as does a leading `.`. Names made of
+those characters (`globals.sql`, `db/shop.pgdump`) appear unchanged.
 """
 
 from __future__ import annotations
 
 import re
 import secrets
+import string
+from urllib.parse import unquote
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 MANIFEST_NAME = "manifest.json"
 ARTIFACT_SUFFIX = ".zst.enc"
 _ID_RE = re.compile(r"^(\d{8}T\d{6}Z)-([0-9a-f]{6})$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+_SAFE = frozenset(string.ascii_letters + string.digits + "_-.")
 
 
 def new_backup_id(at: datetime) -> str:
@@ -51,10 +58,20 @@ def manifest_key(policy: str, backup_id: str) -> str:
     return f"{backup_prefix(policy, backup_id)}{MANIFEST_NAME}"
 
 
+def _encode_part(part: str) -> str:
+    encoded = "".join(
+        c if c in _SAFE else "".join(f"%{b:02X}" for b in c.encode()) for c in part
+    )
+    return "%2E" + encoded[1:] if encoded.startswith(".") else encoded
+
+
 def artifact_key(policy: str, backup_id: str, artifact_name: str) -> str:
-    if not _NAME_RE.match(artifact_name) or ".." in artifact_name:
+    """The key of an artifact; ValueError for an empty name or an empty '/'-part."""
+    parts = artifact_name.split("/")
+    if not all(parts):
         raise ValueError(f"bad artifact name: {artifact_name!r}")
-    return f"{backup_prefix(policy, backup_id)}{artifact_name}{ARTIFACT_SUFFIX}"
+    encoded = "/".join(_encode_part(p) for p in parts)
+    return f"{backup_prefix(policy, backup_id)}{encoded}{ARTIFACT_SUFFIX}"
 
 
 @dataclass(frozen=True)
@@ -77,5 +94,5 @@ def parse_key(policy: str, key: str) -> ParsedKey | None:
     if rest == MANIFEST_NAME:
         return ParsedKey(backup_id, True, None)
     if rest.endswith(ARTIFACT_SUFFIX):
-        return ParsedKey(backup_id, False, rest[: -len(ARTIFACT_SUFFIX)])
+        return ParsedKey(backup_id, False, unquote(rest[: -len(ARTIFACT_SUFFIX)]))
     return None

@@ -95,7 +95,21 @@ def test_keys_are_built_and_parsed_in_one_place() -> None:
     assert layout.parse_key("shop", "shop/backups/notanid/x") is None
     assert layout.parse_key("crm", k) is None
     with pytest.raises(ValueError, match="bad artifact name"):
-        layout.artifact_key("shop", bid, "../escape")
+        layout.artifact_key("shop", bid, "db//x")
+    # Path tricks cannot escape the backup's prefix: dots that lead a part are encoded.
+    assert layout.artifact_key("shop", bid, "../escape").startswith(f"shop/backups/{bid}/%2E.")
+
+
+@given(st.text(min_size=1).filter(lambda t: "/" not in t))
+def test_any_database_name_gets_a_safe_key_that_parses_back(database: str) -> None:
+    """Database names may hold anything PostgreSQL allows; keys stay ASCII-safe and invertible."""
+    bid = "20261123T020000Z-abc123"
+    name = f"db/{database}.pgdump"
+    key = layout.artifact_key("shop", bid, name)
+    rest = key[len(f"shop/backups/{bid}/") :]
+    assert all(c.isascii() and (c.isalnum() or c in "_-.%/") for c in rest)
+    assert not any(part.startswith(".") or part in ("", "..") for part in rest.split("/"))
+    assert layout.parse_key("shop", key) == layout.ParsedKey(bid, False, name)
 
 
 def test_fingerprint_comparison_names_every_difference() -> None:
