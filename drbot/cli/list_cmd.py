@@ -21,7 +21,7 @@ from drbot.cli.common import (
     print_json,
     stderr,
 )
-from drbot.errors import KeyProblem
+from drbot.errors import KeyProblem, StorageUnavailable
 
 
 def _rows(policy: Any, scan: CatalogScan) -> list[dict[str, Any]]:
@@ -65,6 +65,7 @@ def command(policy_name: str | None, policies_dir: Path | None, as_json: bool) -
     settings = load_settings(policies_dir)
     policies = [find_policy(settings, policy_name)] if policy_name else load_policies(settings)
     rows: list[dict[str, Any]] = []
+    down: list[str] = []  # policies none of whose destinations answered
     for policy in policies:
         scan = scan_catalog(policy.name, build.build_storages(policy), build.build_keys(policy))
         for dest, exc in scan.unreachable.items():
@@ -73,7 +74,17 @@ def command(policy_name: str | None, policies_dir: Path | None, as_json: bool) -
             stderr.print(f"Warning: {p.destination}: backup {p.backup_id} not listed: {p.error}")
         if not scan.backups and any(isinstance(p.error, KeyProblem) for p in scan.problems):
             raise next(p.error for p in scan.problems if isinstance(p.error, KeyProblem))
+        if len(scan.unreachable) == len(policy.destinations):
+            down.append(policy.name)
         rows += _rows(policy, scan)
+    _print_rows(rows, as_json=as_json)
+    if down:
+        raise StorageUnavailable(
+            f"no destination of policy {', '.join(down)} could be listed; the list is incomplete"
+        )
+
+
+def _print_rows(rows: list[dict[str, Any]], *, as_json: bool) -> None:
     if as_json:
         print_json(rows)
         return

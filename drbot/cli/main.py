@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+from types import FrameType
 
 import click
 import structlog
@@ -10,6 +12,7 @@ import structlog
 from drbot import __version__
 from drbot.cli import backup, demo, keys, list_cmd, policy, restore, verify
 from drbot.errors import DrbotError
+from drbot.log import redact_text
 
 log = structlog.get_logger(__name__)
 
@@ -42,8 +45,15 @@ for module in (backup, list_cmd, verify, restore, keys, policy, demo):
     cli.add_command(module.command)
 
 
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    # SIGTERM (how containers are stopped) unwinds like Ctrl-C, so every cleanup runs:
+    # uploads aborted, a restore target drbot created dropped, the lock released.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI and exit with drbot's documented exit codes."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         rc = cli.main(args=argv, prog_name="drbot", standalone_mode=False)
     except DrbotError as exc:
@@ -64,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except Exception as exc:
         log.exception("drbot.unexpected_error")
-        click.echo(f"Error: unexpected {exc.__class__.__name__}: {exc}", err=True)
+        click.echo(f"Error: unexpected {exc.__class__.__name__}: {redact_text(str(exc))}", err=True)
         click.echo("Try: rerun with DRBOT_LOG_LEVEL=debug and report the output", err=True)
         sys.exit(EXIT_UNEXPECTED)
     sys.exit(rc if isinstance(rc, int) else 0)

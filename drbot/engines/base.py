@@ -103,6 +103,14 @@ class DumpStream(Protocol):
 
     def fingerprint(self) -> Fingerprint | None: ...
 
+    def cancel(self) -> None:
+        """Stop the dump tool now, from any thread (idempotent; a no-op once it has ended).
+
+        A `chunks()` iteration in progress then ends by raising; nothing partial is returned
+        as complete.
+        """
+        ...
+
 
 class Engine(Protocol):
     """A database kind: how to probe, dump, load and fingerprint it.

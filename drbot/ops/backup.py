@@ -9,6 +9,7 @@ the process dies, by the next backup's cleanup).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import socket
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -140,13 +141,14 @@ class _Run:
         enc = StreamEncryptor(data_key, frame_size=self.settings.frame_size)
         writers = [DestinationWriter(s, key, enc.header(wrapped[s.name])) for s in self.live()]
         counted = _Counted(dump.chunks(), dump.name, self.progress)
+        source = prefetch(counted, cancel=dump.cancel)
+        stream = compress_chunks(
+            source,
+            level=self.settings.compression_level,
+            threads=self.settings.compression_threads,
+        )
         try:
-            source = prefetch(counted)
-            for compressed in compress_chunks(
-                source,
-                level=self.settings.compression_level,
-                threads=self.settings.compression_threads,
-            ):
+            for compressed in stream:
                 for frame in enc.update(compressed):
                     for w in writers:
                         w.send(frame)
@@ -159,6 +161,12 @@ class _Run:
             for w in writers:
                 w.send(last)
         except BaseException as exc:
+            # Stop the dump now (not when the traceback is freed): it holds a snapshot and
+            # locks on the source, and its thread would otherwise outlive this backup.
+            for stage in (stream, source):
+                close = getattr(stage, "close", None)
+                if close is not None:
+                    close()
             for w in writers:
                 w.abort(exc)
             raise
@@ -220,6 +228,10 @@ class _Run:
                 if b"".join(storage.open(key)) != raw:
                     raise IntegrityFailure(f"{storage.name}:{key}: manifest read-back differs")
             except DrbotError as exc:
+                # A manifest that may be stored makes the backup exist; one that failed its
+                # read-back must not, or `list` would show what this run reports as failed.
+                with contextlib.suppress(DrbotError):
+                    storage.delete(key)
                 self.fail(storage, f"manifest: {exc}")
 
     def discard(self) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from drbot.errors import LockHeld
+from drbot.errors import LockHeld, UsageError
 
 
 @contextmanager
@@ -17,9 +17,15 @@ def policy_lock(state_dir: Path, policy: str) -> Iterator[Path]:
 
     The lock is an flock on a file, so it is released by the kernel if the holder dies.
     """
-    state_dir.mkdir(parents=True, exist_ok=True)
     path = state_dir / f"{policy}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot create the lock file {path}: {exc.strerror or exc}",
+            hint="set DRBOT_STATE_DIR to a directory drbot can write",
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -89,6 +89,13 @@ def plan_restore(
     if not candidates:
         if key_problems:
             raise key_problems[0]
+        down = [d for d in scan.unreachable if from_destination in (None, d)]
+        if down:
+            raise StorageUnavailable(
+                f"no backup of policy {policy!r} could be found: destination(s) "
+                + ", ".join(f"{d} ({scan.unreachable[d]})" for d in down)
+                + " unreachable"
+            )
         where = f" in destination {from_destination!r}" if from_destination else ""
         what = f"backup {backup_id}" if backup_id else "complete backup"
         existing = ", ".join(b.backup_id for b in scan.backups[-5:]) or "none"
@@ -216,6 +223,14 @@ def execute_restore(
                     raise
         if used is None:
             raise NoRestorePoint(f"no destination could provide backup {plan.backup_id}")
+        # Inside the try: a target drbot created and could not check is dropped. A target
+        # that loaded but differs is kept (the caller reports it) so people can inspect it.
+        mismatches: list[Mismatch] = []
+        checked = False
+        if plan.expected is not None:
+            actual = engine.fingerprint_target(target_uri, plan.expected)
+            mismatches = compare_fingerprints(plan.expected, actual)
+            checked = True
     except BaseException as exc:
         if created:
             engine.drop_target(target_uri)
@@ -226,12 +241,6 @@ def execute_restore(
             error=str(exc) or exc.__class__.__name__,
         )
         raise
-    mismatches: list[Mismatch] = []
-    checked = False
-    if plan.expected is not None:
-        actual = engine.fingerprint_target(target_uri, plan.expected)
-        mismatches = compare_fingerprints(plan.expected, actual)
-        checked = True
     result = RestoreResult(
         backup_id=plan.backup_id,
         source=used,

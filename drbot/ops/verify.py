@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from drbot.catalog import scan_catalog
-from drbot.errors import DrbotError, KeyProblem, NoRestorePoint
+from drbot.errors import DrbotError, KeyProblem, NoRestorePoint, StorageUnavailable
 from drbot.ops.artifacts import read_artifact
 from drbot.pipeline.keys import KeyProvider
 from drbot.storage.base import Storage
@@ -84,6 +84,17 @@ def run_verify(
                         if progress is not None:
                             progress(copy.destination, rec.name, nbytes)
                     checked += 1
+                except StorageUnavailable as exc:
+                    # Not a finding about the data: the copy could not be read at all.
+                    report.unreachable[copy.destination] = exc.message
+                    log.error(
+                        "verify.unreachable",
+                        policy=policy,
+                        backup_id=backup.backup_id,
+                        destination=copy.destination,
+                        error=exc.message,
+                    )
+                    break
                 except DrbotError as exc:
                     report.findings.append(
                         Finding(copy.destination, backup.backup_id, rec.key, exc.message)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -17,12 +17,16 @@ class _Failure:
         self.exc = exc
 
 
-def prefetch(source: Iterable[T], *, depth: int = 4) -> Iterator[T]:
+def prefetch(
+    source: Iterable[T], *, depth: int = 4, cancel: Callable[[], None] | None = None
+) -> Generator[T, None, None]:
     """Yield `source`'s items, produced by a thread that stays at most `depth` items ahead.
 
     Exceptions from `source` are re-raised in the consumer. If the consumer stops early (closes
     this generator or raises), the producer thread stops and closes `source`, so a dump process
-    behind it is killed rather than left running.
+    behind it is killed rather than left running. A producer blocked inside `source` (a dump
+    waiting on a lock, writing nothing) cannot see that; `cancel` is called first to unblock
+    it (e.g. by killing the dump process).
     """
     q: queue.Queue[object] = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -49,16 +53,21 @@ def prefetch(source: Iterable[T], *, depth: int = 4) -> Iterator[T]:
 
     thread = threading.Thread(target=produce, name="prefetch", daemon=True)
     thread.start()
+    ended = False  # the producer reported its end (or failure): nothing to cancel
     try:
         while True:
             item = q.get()
             if item is _END:
+                ended = True
                 return
             if isinstance(item, _Failure):
+                ended = True
                 raise item.exc
             yield item  # type: ignore[misc]
     finally:
         stop.set()
+        if cancel is not None and not ended:
+            cancel()
         while thread.is_alive():
             with contextlib.suppress(queue.Empty):
                 q.get(timeout=0.1)

@@ -19,9 +19,9 @@ from __future__ import annotations
 import re
 import secrets
 import string
-from urllib.parse import unquote
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from urllib.parse import unquote
 
 MANIFEST_NAME = "manifest.json"
 ARTIFACT_SUFFIX = ".zst.enc"
@@ -59,9 +59,7 @@ def manifest_key(policy: str, backup_id: str) -> str:
 
 
 def _encode_part(part: str) -> str:
-    encoded = "".join(
-        c if c in _SAFE else "".join(f"%{b:02X}" for b in c.encode()) for c in part
-    )
+    encoded = "".join(c if c in _SAFE else "".join(f"%{b:02X}" for b in c.encode()) for c in part)
     return "%2E" + encoded[1:] if encoded.startswith(".") else encoded
 
 

@@ -28,6 +28,9 @@ class FakeDump:
     def fingerprint(self) -> Fingerprint | None:
         return self.fp
 
+    def cancel(self) -> None:
+        pass
+
 
 @dataclass
 class FakeEngine:

@@ -53,6 +53,26 @@ _DUMP_SESSION = (
 )
 _SYSTEM_SCHEMAS = "('pg_catalog', 'information_schema', 'pg_toast')"
 
+# Whether a database holds anything a restore could collide with (extension members aside).
+_HAS_USER_OBJECTS = f"""
+SELECT
+  EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname NOT IN {_SYSTEM_SCHEMAS}
+            AND n.nspname NOT LIKE 'pg\\_temp\\_%'
+            AND n.nspname NOT LIKE 'pg\\_toast\\_temp\\_%'
+            AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                            WHERE d.objid = c.oid AND d.deptype = 'e'))
+  OR EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+             WHERE n.nspname NOT IN {_SYSTEM_SCHEMAS}
+               AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                               WHERE d.objid = p.oid AND d.deptype = 'e'))
+  OR EXISTS (SELECT 1 FROM pg_namespace n
+             WHERE n.nspname NOT IN {_SYSTEM_SCHEMAS} AND n.nspname <> 'public'
+               AND n.nspname NOT LIKE 'pg\\_%'
+               AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                               WHERE d.objid = n.oid AND d.deptype = 'e'))
+"""  # noqa: S608 - built from constants only
+
 
 class _Conn:
     """One parsed PostgreSQL URI: libpq parameters without the password, and the password."""
@@ -196,6 +216,7 @@ class _ProgramDump:
         self._where = where
         self._fingerprinter = ArchiveFingerprinter(name) if fingerprint else None
         self._used = False
+        self._proc: subprocess.Popen[bytes] | None = None
 
     def chunks(self) -> Iterator[bytes]:
         if self._used:
@@ -206,6 +227,7 @@ class _ProgramDump:
         proc, errors = _spawn(
             self._argv, self._env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE
         )
+        self._proc = proc
         assert proc.stdout is not None
         finished = False
         try:
@@ -228,6 +250,12 @@ class _ProgramDump:
 
     def fingerprint(self) -> Fingerprint | None:
         return self._fingerprinter.result() if self._fingerprinter is not None else None
+
+    def cancel(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            log.info("pg.dump_cancelled", artifact=self.name, where=self._where)
+            proc.kill()  # chunks() sees the end of output, then the kill's exit status
 
 
 class _GlobalsDump:
@@ -269,6 +297,9 @@ class _GlobalsDump:
 
     def fingerprint(self) -> Fingerprint | None:
         return None
+
+    def cancel(self) -> None:
+        pass  # pg_dumpall --globals-only runs to completion in chunks(); nothing to stop later
 
 
 class PostgresEngine:
@@ -359,7 +390,14 @@ class PostgresEngine:
 
     def _exists(self, dbname: str) -> bool:
         with self._maintenance() as conn:
-            row = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)).fetchone()
+            try:
+                row = conn.execute(
+                    "SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)
+                ).fetchone()
+            except psycopg.Error as exc:
+                raise DatabaseError(
+                    f"cannot look up database {dbname} on {self._conn.where()}: {_first_line(exc)}"
+                ) from None
         return row is not None
 
     def target_is_empty(self, target_uri: str) -> bool:
@@ -368,26 +406,12 @@ class PostgresEngine:
         if not engine._exists(target.dbname):
             return True
         with target.connect() as conn:
-            row = conn.execute(
-                f"""
-                SELECT
-                  EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                          WHERE n.nspname NOT IN {_SYSTEM_SCHEMAS}
-                            AND n.nspname NOT LIKE 'pg\\_temp\\_%'
-                            AND n.nspname NOT LIKE 'pg\\_toast\\_temp\\_%'
-                            AND NOT EXISTS (SELECT 1 FROM pg_depend d
-                                            WHERE d.objid = c.oid AND d.deptype = 'e'))
-                  OR EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-                             WHERE n.nspname NOT IN {_SYSTEM_SCHEMAS}
-                               AND NOT EXISTS (SELECT 1 FROM pg_depend d
-                                               WHERE d.objid = p.oid AND d.deptype = 'e'))
-                  OR EXISTS (SELECT 1 FROM pg_namespace n
-                             WHERE n.nspname NOT IN {_SYSTEM_SCHEMAS} AND n.nspname <> 'public'
-                               AND n.nspname NOT LIKE 'pg\\_%'
-                               AND NOT EXISTS (SELECT 1 FROM pg_depend d
-                                               WHERE d.objid = n.oid AND d.deptype = 'e'))
-                """  # noqa: S608 - constant text, no input
-            ).fetchone()
+            try:
+                row = conn.execute(_HAS_USER_OBJECTS).fetchone()
+            except psycopg.Error as exc:
+                raise DatabaseError(
+                    f"cannot inspect {target.where()}: {_first_line(exc)}"
+                ) from None
         return not bool(row and row[0])
 
     def prepare_target(self, target_uri: str) -> bool:

@@ -1,0 +1,53 @@
+"""prefetch: overlap a producer with its consumer, and stop it promptly when the consumer quits."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from drbot.pipeline.prefetch import prefetch
+
+pytestmark = pytest.mark.unit
+
+
+def test_items_and_errors_arrive_in_order() -> None:
+    def source() -> Iterator[int]:
+        yield from range(100)
+        raise RuntimeError("dump failed")
+
+    got: list[int] = []
+    with pytest.raises(RuntimeError, match="dump failed"):
+        got.extend(prefetch(source(), depth=2))
+    assert got == list(range(100))
+
+
+def test_closing_early_cancels_a_producer_blocked_inside_its_source() -> None:
+    """A dump that writes nothing (waiting on a lock) must not make stopping a backup hang."""
+    unblock = threading.Event()
+    closed = threading.Event()
+
+    def source() -> Iterator[bytes]:
+        try:
+            yield b"first"
+            unblock.wait(timeout=30)  # like os.read on a silent pg_dump
+            yield b"never consumed"
+        finally:
+            closed.set()
+
+    stream = prefetch(source(), cancel=unblock.set)
+    assert next(stream) == b"first"
+    time.sleep(0.1)  # let the producer block
+    started = time.monotonic()
+    stream.close()
+    assert time.monotonic() - started < 5
+    assert unblock.is_set()
+    assert closed.wait(timeout=5)
+
+
+def test_cancel_is_not_called_when_the_source_finished() -> None:
+    calls: list[int] = []
+    assert list(prefetch(iter([1, 2, 3]), cancel=lambda: calls.append(1))) == [1, 2, 3]
+    assert calls == []
