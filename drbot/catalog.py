@@ -152,6 +152,25 @@ def scan_catalog(policy: str, storages: Sequence[Storage], keys: KeyProvider) ->
                     )
                 )
                 continue
+            sizes = {o.key: o.size_bytes for o in objs}
+            gone = [a for a in manifest.artifacts if sizes.get(a.key) != a.size_bytes]
+            if gone:
+                # Deleted or replaced behind drbot's back (lifecycle rule, manual delete): this
+                # copy cannot restore, so it must not be listed or chosen as one that can.
+                a = gone[0]
+                found = "missing" if a.key not in sizes else f"{sizes[a.key]} bytes"
+                problems.append(
+                    Problem(
+                        storage.name,
+                        backup_id,
+                        a.key,
+                        IntegrityFailure(
+                            f"{storage.name}:{a.key}: {found}, the manifest records "
+                            f"{a.size_bytes} bytes ({len(gone)} artifact(s) affected)"
+                        ),
+                    )
+                )
+                continue
             copies.setdefault(backup_id, []).append(Copy(storage.name, manifest, data_key))
     backups = [BackupEntry(bid, tuple(cs)) for bid, cs in sorted(copies.items())]
     return CatalogScan(backups, incomplete, problems, unreachable)

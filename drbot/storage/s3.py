@@ -39,7 +39,9 @@ log = structlog.get_logger(__name__)
 
 MiB = 1 << 20
 MIN_PART_BYTES = 5 * MiB  # S3's minimum for every part but the last
-MAX_PART_BYTES = 5 * 1024 * MiB
+# Parts grow to at most this: memory per S3 destination stays under ~2 parts whatever the
+# size, and 10,000 parts still reach ~1.7 TiB (16 MiB base) per object.
+MAX_PART_BYTES = 256 * MiB
 PARTS_PER_SIZE_STEP = 1000  # part size doubles every 1000 parts: 10,000 parts reach ~TiBs
 READ_CHUNK_BYTES = MiB
 
@@ -66,7 +68,7 @@ def part_size_for(part_number: int, base_bytes: int) -> int:
     """Size of part `part_number` (1-based): `base_bytes`, doubling every 1000 parts, capped.
 
     S3 allows 10,000 parts; a fixed 16 MiB would cap objects at ~156 GiB. Growing the part size
-    keeps small objects cheap and large ones possible, with memory bounded by ~2 current parts.
+    keeps small objects cheap and large ones possible; the cap bounds memory (~2 parts).
     """
     step = (part_number - 1) // PARTS_PER_SIZE_STEP
     return min(base_bytes << step, MAX_PART_BYTES)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -165,7 +166,7 @@ def test_restore_falls_back_to_the_next_destination_on_a_corrupt_copy(
     result = run_backup(SETTINGS, FakeEngine({"shop": data}), stores, keys, FakeClock())
     key = layout.artifact_key("shop", result.backup_id, "db/shop.pgdump")
     raw, at = stores[0].objects[key]
-    stores[0].objects[key] = (raw[:-10], at)
+    stores[0].objects[key] = (raw[:-10] + bytes(b ^ 1 for b in raw[-10:]), at)
     scan = scan_catalog("shop", stores, keys)
     plan = plan_restore(scan, policy="shop", target="t", target_state="empty")
     assert plan.sources == ("primary", "replica")
@@ -244,3 +245,57 @@ def test_policy_lock_is_exclusive(tmp_path: Path) -> None:
             pass
     with policy_lock(tmp_path, "shop"):
         pass
+
+
+class _ReadsFail(MemoryStorage):
+    """Once `broken`, lists fine but cannot read artifacts: a region going down mid-verify."""
+
+    broken = False
+
+    def open(self, key: str, *, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
+        if not self.broken or key.endswith(layout.MANIFEST_NAME):
+            return super().open(key, offset=offset, length=length)
+        raise StorageUnavailable(f"{self.url}: connection reset (simulated)")
+
+
+def test_verify_reports_a_destination_that_fails_midway_as_unreachable(
+    keys: FileKeyProvider,
+) -> None:
+    """Unreadable is not corrupt: no finding (13), an unreachable entry (15) instead."""
+    primary = _ReadsFail("primary", region="us-east-1")
+    stores = [primary, MemoryStorage("replica")]
+    run_backup(SETTINGS, FakeEngine({"shop": _data()}), stores, keys, FakeClock())
+    primary.broken = True
+    report = run_verify("shop", stores, keys)
+    assert report.findings == []
+    assert list(report.unreachable) == ["primary"]
+    assert "connection reset" in report.unreachable["primary"]
+    assert not report.ok
+
+
+def test_a_copy_missing_an_artifact_is_not_listed_and_is_reported(keys: FileKeyProvider) -> None:
+    """An artifact deleted behind drbot's back: that copy cannot restore, so it is not listed."""
+    stores = _stores()
+    result = run_backup(SETTINGS, FakeEngine({"shop": _data()}), stores, keys, FakeClock())
+    key = layout.artifact_key("shop", result.backup_id, "db/shop.pgdump")
+    del stores[0].objects[key]
+    scan = scan_catalog("shop", stores, keys)
+    assert scan.backups[0].destinations == ["replica"]
+    assert [(p.destination, p.key) for p in scan.problems] == [("primary", key)]
+    assert "missing" in str(scan.problems[0].error)
+
+
+class _ManifestReadBackFails(MemoryStorage):
+    def open(self, key: str, *, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
+        if key.endswith(layout.MANIFEST_NAME):
+            raise StorageUnavailable(f"{self.url}: read timed out (simulated)")
+        return super().open(key, offset=offset, length=length)
+
+
+def test_a_manifest_that_fails_read_back_is_removed(keys: FileKeyProvider) -> None:
+    """The run reports the destination failed, so list must not show the backup there."""
+    stores = [_ManifestReadBackFails("primary"), MemoryStorage("replica")]
+    result = run_backup(SETTINGS, FakeEngine({"shop": _data()}), stores, keys, FakeClock())
+    assert result.partial
+    assert result.destinations_ok == ("replica",)
+    assert layout.manifest_key("shop", result.backup_id) not in stores[0].objects
