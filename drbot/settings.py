@@ -25,5 +25,17 @@ class Settings(BaseSettings):
         default_factory=_default_state_dir,
         description="local state: locks, caches (never the only copy of anything)",
     )
+    audit_dir: Path | None = Field(
+        default=None,
+        description="the local audit trail and its public key (default: <state_dir>/audit)",
+    )
+    audit_key: Path | None = Field(
+        default=None,
+        description="Ed25519 audit signing key, 0600, made if absent (<audit_dir>/audit.key)",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "warning"
     log_format: Literal["auto", "console", "json"] = "auto"
+
+    @property
+    def audit_directory(self) -> Path:
+        return self.audit_dir or self.state_dir / "audit"

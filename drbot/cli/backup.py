@@ -8,6 +8,8 @@ import click
 
 from drbot.cli import build
 from drbot.cli.common import (
+    audit_trail,
+    failure_details,
     find_policy,
     human_bytes,
     json_option,
@@ -17,9 +19,11 @@ from drbot.cli.common import (
     progress_bar,
 )
 from drbot.clock import SystemClock
-from drbot.errors import PartialFailure
+from drbot.errors import DrbotError, PartialFailure
+from drbot.ops.audit_events import record_backup
 from drbot.ops.backup import run_backup
 from drbot.ops.lock import policy_lock
+from drbot.storage import layout
 
 
 @click.command("backup")
@@ -51,10 +55,42 @@ def command(policy_name: str, backup_type: str, policies_dir: Path | None, as_js
     storages = build.build_storages(policy)
     keys = build.build_keys(policy)
     engine = build.build_engine(policy)
+    clock = SystemClock()
+    trail = audit_trail(settings)
+    backup_id = layout.new_backup_id(clock.now())
+    subject = {"backup_id": backup_id}
     with policy_lock(settings.state_dir, policy.name), progress_bar() as progress:
-        result = run_backup(
-            build.backup_settings(policy), engine, storages, keys, SystemClock(), progress=progress
+        trail.record(
+            "backup.started",
+            policy=policy.name,
+            subject=subject,
+            details={
+                "type": backup_type,
+                "mode": policy.source.mode,
+                "destinations": {s.name: {"url": s.url, "region": s.region} for s in storages},
+                "key": keys.describe(),
+            },
         )
+        try:
+            result = run_backup(
+                build.backup_settings(policy),
+                engine,
+                storages,
+                keys,
+                clock,
+                backup_id=backup_id,
+                progress=progress,
+            )
+        except (DrbotError, KeyboardInterrupt) as exc:
+            trail.record(
+                "backup.failed",
+                policy=policy.name,
+                subject=subject,
+                outcome="failed",
+                details=failure_details(exc),
+            )
+            raise
+    record_backup(trail, policy.name, result, backup_type)
     duration = (result.completed_at - result.started_at).total_seconds()
     if as_json:
         print_json(

@@ -23,7 +23,9 @@ from rich.progress import (
 )
 
 from drbot import log as drbot_log
-from drbot.errors import PolicyInvalid, UsageError
+from drbot.audit.trail import FileAuditTrail
+from drbot.clock import SystemClock
+from drbot.errors import DrbotError, Interrupted, PolicyInvalid, UsageError
 from drbot.settings import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -124,3 +126,17 @@ def progress_bar(enabled: bool = True) -> Iterator[Callable[[str, int], None]]:
             bar.update(tasks[label], completed=n)
 
         yield update
+
+
+def audit_trail(settings: Settings) -> FileAuditTrail:
+    """The audit sink every command records into (see docs/audit.md)."""
+    return FileAuditTrail(settings.audit_directory, SystemClock(), key_path=settings.audit_key)
+
+
+def failure_details(exc: BaseException) -> dict[str, Any]:
+    """What an audit event says about a failure: the message (redacted) and the exit code."""
+    if isinstance(exc, DrbotError):
+        return {"error": drbot_log.redact_text(exc.message), "exit_code": exc.exit_code}
+    if isinstance(exc, KeyboardInterrupt):
+        return {"error": "interrupted", "exit_code": Interrupted.exit_code}
+    return {"error": drbot_log.redact_text(f"{exc.__class__.__name__}: {exc}"), "exit_code": 1}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from drbot.cli.common import load_settings, policies_option
+from drbot.cli.common import audit_trail, load_settings, policies_option
 from drbot.pipeline.filekey import generate_key_file
 
 
@@ -33,7 +33,10 @@ def generate(out: Path, policies_dir: Path | None) -> None:
     Example:
       drbot keys generate --out /etc/drbot/keys/shop.key
     """
-    load_settings(policies_dir)  # logging set-up; keys do not depend on policies
+    settings = load_settings(policies_dir)  # keys do not depend on policies
     key_id = generate_key_file(out)
+    audit_trail(settings).record(
+        "key.generated", subject={"key_id": key_id}, details={"path": str(out.absolute())}
+    )
     click.echo(f"Wrote key {key_id} to {out} (mode 0600).")
     click.echo("Store a copy of this key away from the backups: without it they cannot be read.")

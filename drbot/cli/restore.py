@@ -10,7 +10,9 @@ import click
 from drbot.catalog import scan_catalog
 from drbot.cli import build
 from drbot.cli.common import (
+    audit_trail,
     confirm,
+    failure_details,
     find_policy,
     human_bytes,
     json_option,
@@ -21,8 +23,13 @@ from drbot.cli.common import (
     stderr,
 )
 from drbot.clock import SystemClock
-from drbot.errors import IntegrityFailure, UsageError
+from drbot.errors import DrbotError, IntegrityFailure, UsageError
 from drbot.log import redact_text
+from drbot.ops.audit_events import (
+    record_restore_completed,
+    record_restore_planned,
+    restore_subject,
+)
 from drbot.ops.restore import RestorePlan, RestoreResult, execute_restore, plan_restore
 
 
@@ -153,6 +160,8 @@ def command(
         with_globals=with_globals,
         no_owner=no_owner,
     )
+    trail = audit_trail(settings)
+    record_restore_planned(trail, plan, dry_run=dry_run)
     if dry_run:
         if as_json:
             print_json({"plan": _plan_json(plan), "dry_run": True})
@@ -164,10 +173,23 @@ def command(
         _print_plan(plan)
     confirm(f"Restore backup {plan.backup_id} into {plan.target}?", yes=yes)
     storages_by_name = {s.name: s for s in storages}
-    with progress_bar() as progress:
-        result = execute_restore(
-            plan, scan, storages_by_name, engine, target_uri, SystemClock(), progress=progress
+    subject = restore_subject(plan)
+    trail.record("restore.started", policy=plan.policy, subject=subject, outcome="info")
+    try:
+        with progress_bar() as progress:
+            result = execute_restore(
+                plan, scan, storages_by_name, engine, target_uri, SystemClock(), progress=progress
+            )
+    except (DrbotError, KeyboardInterrupt) as exc:
+        trail.record(
+            "restore.failed",
+            policy=plan.policy,
+            subject=subject,
+            outcome="failed",
+            details=failure_details(exc),
         )
+        raise
+    record_restore_completed(trail, plan, result)
     _report(plan, result, as_json=as_json)
     if result.mismatches:
         lines = "; ".join(

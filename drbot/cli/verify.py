@@ -8,6 +8,8 @@ import click
 
 from drbot.cli import build
 from drbot.cli.common import (
+    audit_trail,
+    failure_details,
     find_policy,
     human_bytes,
     json_option,
@@ -16,7 +18,8 @@ from drbot.cli.common import (
     print_json,
     progress_bar,
 )
-from drbot.errors import IntegrityFailure, StorageUnavailable, UsageError
+from drbot.errors import DrbotError, IntegrityFailure, StorageUnavailable, UsageError
+from drbot.ops.audit_events import record_verify
 from drbot.ops.verify import run_verify
 
 
@@ -53,14 +56,26 @@ def command(
         if not storages:
             names = ", ".join(d.name for d in policy.destinations)
             raise UsageError(f"policy {policy.name} has no destination {destination!r} ({names})")
-    with progress_bar() as progress:
-        report = run_verify(
-            policy.name,
-            storages,
-            build.build_keys(policy),
-            backup_id=backup_id,
-            progress=lambda d, name, n: progress(f"{d}:{name}", n),
+    trail = audit_trail(settings)
+    try:
+        with progress_bar() as progress:
+            report = run_verify(
+                policy.name,
+                storages,
+                build.build_keys(policy),
+                backup_id=backup_id,
+                progress=lambda d, name, n: progress(f"{d}:{name}", n),
+            )
+    except (DrbotError, KeyboardInterrupt) as exc:
+        trail.record(
+            "verify.failed",
+            policy=policy.name,
+            subject={"backup_id": backup_id} if backup_id else {},
+            outcome="failed",
+            details=failure_details(exc),
         )
+        raise
+    record_verify(trail, policy.name, report)
     if as_json:
         print_json(
             {

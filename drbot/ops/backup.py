@@ -64,6 +64,10 @@ class BackupResult:
     destinations_ok: tuple[str, ...]
     destinations_failed: dict[str, str] = field(default_factory=dict)
     fingerprints: dict[str, Fingerprint] = field(default_factory=dict)
+    artifacts: dict[str, tuple[ArtifactRecord, ...]] = field(default_factory=dict)
+    """Per destination holding a complete copy: what was stored there, verified by read-back."""
+    manifest_sha256: dict[str, str] = field(default_factory=dict)
+    """Per destination holding a complete copy: SHA-256 of the manifest object written there."""
 
     @property
     def partial(self) -> bool:
@@ -105,6 +109,7 @@ class _Run:
         self.progress = progress
         self.failed: dict[str, str] = {}
         self.records: dict[str, list[ArtifactRecord]] = {s.name: [] for s in storages}
+        self.manifest_sha256: dict[str, str] = {}
         self.plaintext_bytes = 0
 
     def live(self) -> list[Storage]:
@@ -227,6 +232,7 @@ class _Run:
                 storage.put(key, [raw])
                 if b"".join(storage.open(key)) != raw:
                     raise IntegrityFailure(f"{storage.name}:{key}: manifest read-back differs")
+                self.manifest_sha256[storage.name] = hashlib.sha256(raw).hexdigest()
             except DrbotError as exc:
                 # A manifest that may be stored makes the backup exist; one that failed its
                 # read-back must not, or `list` would show what this run reports as failed.
@@ -333,6 +339,8 @@ def run_backup(
         destinations_ok=ok,
         destinations_failed=dict(run.failed),
         fingerprints=fingerprints,
+        artifacts={d: tuple(run.records[d]) for d in ok},
+        manifest_sha256={d: run.manifest_sha256[d] for d in ok if d in run.manifest_sha256},
     )
     log.info(
         "backup.completed",

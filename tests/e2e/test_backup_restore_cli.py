@@ -201,3 +201,48 @@ def test_every_command_has_help_with_an_example(e2e: Env) -> None:
         res = e2e.run(*cmd, "--help")
         assert res.returncode == 0, (cmd, res.stderr)
         assert "Example" in res.stdout, cmd
+
+
+def test_every_action_lands_in_a_verifiable_audit_trail(e2e: Env) -> None:
+    """Backup, verify and restore each leave signed, chained events; an edit is caught (13)."""
+    backup_id = _backup(e2e)
+    assert e2e.run("verify", "--policy", "shop").returncode == 0
+    target = e2e.pg.uri(f"{e2e.database}_audited")
+    assert e2e.run("restore", "--policy", "shop", "--to", target, "--yes").returncode == 0
+    res = e2e.run("audit", "verify")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "OK: every event is signed" in res.stdout
+    res = e2e.run("audit", "show", "--json", "--last", "100")
+    assert res.returncode == 0, res.stderr
+    events = json.loads(res.stdout)
+    actions = [e["action"] for e in events]
+    for action in (
+        "key.generated",
+        "backup.started",
+        "artifact.stored",
+        "backup.completed",
+        "verify.completed",
+        "restore.planned",
+        "restore.started",
+        "restore.completed",
+    ):
+        assert action in actions, actions
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    completed = next(e for e in events if e["action"] == "backup.completed")
+    assert completed["subject"]["backup_id"] == backup_id
+    assert set(completed["details"]["manifest_sha256"]) == {"primary", "replica"}
+    stored = [e for e in events if e["action"] == "artifact.stored"]
+    assert {e["subject"]["destination"] for e in stored} == {"primary", "replica"}
+    restored = next(e for e in events if e["action"] == "restore.completed")
+    assert restored["outcome"] == "ok"
+    assert "@" in restored["actor"]
+
+    trail = e2e.tmp / "state" / "audit" / "trail.jsonl"
+    lines = trail.read_bytes().split(b"\n")
+    index = actions.index("backup.completed")
+    lines[index] = lines[index].replace(b'"outcome":"ok"', b'"outcome":"partial"')
+    trail.write_bytes(b"\n".join(lines))
+    res = e2e.run("audit", "verify")
+    assert res.returncode == 13, res.stdout + res.stderr
+    assert f"event {index + 1}" in res.stderr
+    assert "edited" in res.stderr

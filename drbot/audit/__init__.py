@@ -1,0 +1,1 @@
+"""The tamper-evident audit trail: hash-chained, Ed25519-signed events, and their verification."""

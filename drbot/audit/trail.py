@@ -1,0 +1,225 @@
+"""The local audit trail: an append-only file of signed, hash-chained events.
+
+Appends are serialised across processes with an flock on the trail itself (a daemon and a
+person's `drbot restore` may write at once), each event is one `write` of one line followed by
+fsync, and the chain head is re-read from the file under the lock, so no two events ever share
+a sequence number.
+
+A crash mid-append can leave a torn last line. It is never dropped or rewritten: the next
+append ends it with a newline and first records an `audit.torn_line` event naming its byte
+offset, length and SHA-256, so the damage stays visible and the chain stays verifiable.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import getpass
+import hashlib
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from drbot.audit.event import GENESIS, AuditEvent, EventFormatError, parse_line, seal
+from drbot.clock import Clock
+from drbot.errors import DrbotError, IntegrityFailure, KeyProblem
+from drbot.pipeline.filekey import generate_key_file, read_key_file
+
+TRAIL_NAME = "trail.jsonl"
+KEY_NAME = "audit.key"
+PUBLIC_NAME = "audit.pub"
+_TAIL_PROBE = 1 << 20  # the last event is surely within the trail's last MiB
+
+
+class AuditSink(Protocol):
+    """Where audit events go.
+
+    `record` appends one event and returns it sealed. It raises `DrbotError` if the event cannot
+    be made durable (unwritable trail, unreadable audit key: `KeyProblem`) and `IntegrityFailure`
+    if the trail's last whole event is damaged, since extending a broken chain would hide it.
+    """
+
+    def record(
+        self,
+        action: str,
+        *,
+        policy: str | None = None,
+        subject: dict[str, Any] | None = None,
+        outcome: str = "ok",
+        details: dict[str, Any] | None = None,
+    ) -> AuditEvent: ...
+
+
+def default_actor() -> str:
+    """user@host of this process: who did it, for events a person caused."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+def load_signing_key(path: Path, *, create: bool = True) -> Ed25519PrivateKey:
+    """The Ed25519 audit key in `path` (a 32-byte seed, base64, mode 0600); created if absent."""
+    if create and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        generate_key_file(path)
+    return Ed25519PrivateKey.from_private_bytes(read_key_file(path))
+
+
+def public_key_text(key: Ed25519PublicKey) -> str:
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return raw.hex()
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    """A public key file as written by drbot (64 hex digits); KeyProblem if it is not one."""
+    try:
+        return Ed25519PublicKey.from_public_bytes(bytes.fromhex(path.read_text().strip()))
+    except (OSError, ValueError) as exc:
+        raise KeyProblem(f"cannot read audit public key {path}: {exc}") from None
+
+
+class FileAuditTrail:
+    """AuditSink appending to `<directory>/trail.jsonl`, publishing `audit.pub` beside it."""
+
+    def __init__(
+        self,
+        directory: Path,
+        clock: Clock,
+        *,
+        key_path: Path | None = None,
+        actor: str | None = None,
+    ) -> None:
+        self.directory = directory
+        self.path = directory / TRAIL_NAME
+        self.key_path = key_path or directory / KEY_NAME
+        self.actor = actor or default_actor()
+        self.host = socket.gethostname()
+        self._clock = clock
+        self._key: Ed25519PrivateKey | None = None
+
+    def _signing_key(self) -> Ed25519PrivateKey:
+        if self._key is None:
+            self._key = load_signing_key(self.key_path)
+            public = self.directory / PUBLIC_NAME
+            text = public_key_text(self._key.public_key()) + "\n"
+            if not public.exists() or public.read_text() != text:
+                public.write_text(text)
+        return self._key
+
+    @contextmanager
+    def _locked(self) -> Iterator[int]:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        except OSError as exc:
+            raise DrbotError(
+                f"cannot open the audit trail {self.path}: {exc.strerror or exc}",
+                hint="set DRBOT_AUDIT_DIR to a directory drbot can write",
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield fd
+        finally:
+            os.close(fd)
+
+    def record(
+        self,
+        action: str,
+        *,
+        policy: str | None = None,
+        subject: dict[str, Any] | None = None,
+        outcome: str = "ok",
+        details: dict[str, Any] | None = None,
+    ) -> AuditEvent:
+        key = self._signing_key()
+        with self._locked() as fd:
+            head, torn = _read_head(fd, self.path)
+            seq, prev = (head.seq, head.hash) if head is not None else (0, GENESIS)
+            out = b""
+            if torn is not None:
+                offset, data = torn
+                marker = self._event(
+                    seq + 1,
+                    prev,
+                    "audit.torn_line",
+                    None,
+                    {"offset": offset},
+                    "info",
+                    {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()},
+                    key,
+                )
+                out += b"\n" + marker.to_line()
+                seq, prev = marker.seq, marker.hash
+            event = self._event(
+                seq + 1, prev, action, policy, subject or {}, outcome, details or {}, key
+            )
+            out += event.to_line()
+            try:
+                os.write(fd, out)
+                os.fsync(fd)
+            except OSError as exc:
+                raise DrbotError(
+                    f"cannot append to the audit trail {self.path}: {exc.strerror or exc}"
+                ) from None
+        return event
+
+    def _event(
+        self,
+        seq: int,
+        prev: str,
+        action: str,
+        policy: str | None,
+        subject: dict[str, Any],
+        outcome: str,
+        details: dict[str, Any],
+        key: Ed25519PrivateKey,
+    ) -> AuditEvent:
+        when = self._clock.now().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return seal(
+            AuditEvent(
+                seq=seq,
+                time=when,
+                actor=self.actor,
+                host=self.host,
+                action=action,
+                policy=policy,
+                subject=subject,
+                outcome=outcome,
+                details=details,
+                prev=prev,
+            ),
+            key,
+        )
+
+
+def _read_head(fd: int, path: Path) -> tuple[AuditEvent | None, tuple[int, bytes] | None]:
+    """The last whole event (None for an empty trail) and a torn tail (offset, bytes) if any."""
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return None, None
+    start = max(0, size - _TAIL_PROBE)
+    tail = os.pread(fd, size - start, start)
+    torn: tuple[int, bytes] | None = None
+    if not tail.endswith(b"\n"):
+        cut = tail.rfind(b"\n") + 1  # 0 when the whole probe is one torn line
+        torn = (start + cut, tail[cut:])
+        tail = tail[:cut]
+    lines = tail.rstrip(b"\n").split(b"\n") if tail else []
+    if not lines or (start > 0 and len(lines) == 1):
+        if torn is not None and start == 0 and not lines:
+            return None, torn  # the very first append was torn
+        raise IntegrityFailure(f"{path}: cannot find the last whole event")
+    try:
+        return parse_line(lines[-1]), torn
+    except EventFormatError as exc:
+        raise IntegrityFailure(
+            f"{path}: the last whole event is damaged ({exc}); not extending a broken chain",
+            hint="run `drbot audit verify` to see where the trail was changed",
+        ) from None
