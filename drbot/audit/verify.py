@@ -41,6 +41,7 @@ class TrailReport:
     head: AuditEvent | None = None
     problems: list[TrailProblem] = field(default_factory=list)
     torn_tail: str | None = None  # description of an incomplete last line, if any
+    hashes: dict[int, str] = field(default_factory=dict)  # seq -> hash, to check anchors
 
     @property
     def ok(self) -> bool:
@@ -75,6 +76,7 @@ def verify_trail(data: bytes, public: Ed25519PublicKey) -> TrailReport:
         _check(report, public, number, event, (expected_seq, expected_prev))
         report.events += 1
         report.head = event
+        report.hashes.setdefault(event.seq, event.hash)
         expected_seq = event.seq + 1
         expected_prev = event.hash
     if unexplained is not None:

@@ -7,10 +7,23 @@ from pathlib import Path
 import click
 
 from drbot.audit.event import EventFormatError, parse_line
-from drbot.audit.trail import PUBLIC_NAME, TRAIL_NAME, load_public_key
+from drbot.audit.ship import check_anchors, fetch_shipped, ship_trail
+from drbot.audit.trail import PUBLIC_NAME, TRAIL_NAME, load_public_key, load_signing_key
 from drbot.audit.verify import verify_trail
-from drbot.cli.common import json_option, load_settings, policies_option, print_json
-from drbot.errors import IntegrityFailure, UsageError
+from drbot.cli import build
+from drbot.cli.common import (
+    audit_trail,
+    find_policy,
+    json_option,
+    load_policies,
+    load_settings,
+    policies_option,
+    print_json,
+)
+from drbot.clock import SystemClock
+from drbot.errors import IntegrityFailure, PartialFailure, StorageUnavailable, UsageError
+from drbot.settings import Settings
+from drbot.storage.base import Storage
 
 
 @click.group("audit")
@@ -44,10 +57,22 @@ def _trail_file(policies_dir: Path | None, trail: Path | None) -> Path:
     help="The audit public key to trust (default: audit.pub next to the trail). An auditor "
     "should pass a copy obtained independently: the one beside the trail can be replaced too.",
 )
+@click.option(
+    "--from",
+    "from_destination",
+    help="Verify the copy shipped to this destination (segments joined) and its anchors, "
+    "instead of the local file.",
+)
+@click.option("--policy", "policy_name", help="The policy whose destination --from names.")
 @policies_option
 @json_option
 def verify(
-    trail: Path | None, public_key: Path | None, policies_dir: Path | None, as_json: bool
+    trail: Path | None,
+    public_key: Path | None,
+    from_destination: str | None,
+    policy_name: str | None,
+    policies_dir: Path | None,
+    as_json: bool,
 ) -> None:
     """Check every signature, hash and link of the trail; exit 13 naming the first bad event.
 
@@ -59,14 +84,25 @@ def verify(
     Examples:
       drbot audit verify
       drbot audit verify --trail /evidence/trail.jsonl --public-key /evidence/audit.pub
+      drbot audit verify --from replica --public-key /evidence/audit.pub
     """
-    path = _trail_file(policies_dir, trail)
-    key = load_public_key(public_key or path.parent / PUBLIC_NAME)
-    report = verify_trail(path.read_bytes(), key)
+    if from_destination is None:
+        path = _trail_file(policies_dir, trail)
+        key = load_public_key(public_key or path.parent / PUBLIC_NAME)
+        report = verify_trail(path.read_bytes(), key)
+        where = str(path)
+    else:
+        settings = load_settings(policies_dir)
+        key = load_public_key(public_key or settings.audit_directory / PUBLIC_NAME)
+        storage = _destination(settings, from_destination, policy_name)
+        data, anchors = fetch_shipped(storage, key)
+        report = verify_trail(data, key)
+        check_anchors(report, anchors, key)
+        where = f"{storage.name} ({storage.url}, {len(anchors)} anchor(s))"
     if as_json:
         print_json(
             {
-                "trail": str(path),
+                "trail": where,
                 "ok": report.ok,
                 "events": report.events,
                 "head": None
@@ -82,7 +118,7 @@ def verify(
     else:
         head = report.head
         click.echo(
-            f"{path}: {report.events} event(s)"
+            f"{where}: {report.events} event(s)"
             + (f", head {head.seq} {head.hash[:16]}… at {head.time}" if head else "")
         )
         if report.torn_tail:
@@ -90,7 +126,7 @@ def verify(
     if report.problems:
         first = report.problems[0]
         raise IntegrityFailure(
-            f"audit trail {path} fails verification: {first.kind}: {first.message}"
+            f"audit trail {where} fails verification: {first.kind}: {first.message}"
             + (f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""),
             hint="compare with a copy of the trail shipped to a destination",
         )
@@ -137,3 +173,60 @@ def show(
             f"{e.seq:>6} {e.time[:19]} {e.action:<24} {e.outcome:<8} "
             f"{e.policy or '-':<12} {subject}  ({e.actor})"
         )
+
+
+def _destination(settings: Settings, name: str, policy_name: str | None) -> Storage:
+    policies = [find_policy(settings, policy_name)] if policy_name else load_policies(settings)
+    for policy in policies:
+        for storage in build.build_storages(policy):
+            if storage.name == name:
+                return storage
+    raise UsageError(
+        f"no policy has a destination named {name!r}", hint="see drbot policy validate"
+    )
+
+
+def _all_destinations(settings: Settings) -> list[Storage]:
+    """Every destination of every policy, once per URL."""
+    seen: dict[str, Storage] = {}
+    for policy in load_policies(settings):
+        for storage in build.build_storages(policy):
+            seen.setdefault(storage.url, storage)
+    return list(seen.values())
+
+
+@command.command("ship")
+@policies_option
+@json_option
+def ship(policies_dir: Path | None, as_json: bool) -> None:
+    """Copy new audit events to every destination and anchor the trail's head there.
+
+    Each run stores the events not yet shipped as one sealed segment (object-locked where the
+    destination has object lock) and a signed anchor of the newest event, so cutting or rolling
+    back the trail later is detectable from storage alone. The daemon runs this on a schedule.
+
+    \b
+    Example:
+      drbot audit ship
+    """
+    settings = load_settings(policies_dir)
+    trail = audit_trail(settings)
+    trail.record("audit.shipping", outcome="info")  # makes sure the trail and key exist
+    key = load_signing_key(trail.key_path, create=False)
+    result = ship_trail(trail.directory, _all_destinations(settings), key, SystemClock())
+    if as_json:
+        print_json(
+            {
+                "anchored_seq": result.anchored_seq,
+                "shipped_bytes": result.shipped_bytes,
+                "failed": result.failed,
+            }
+        )
+    else:
+        for name, sent in result.shipped_bytes.items():
+            click.echo(f"{name}: {sent} new byte(s), anchored at event {result.anchored_seq}")
+    if result.failed:
+        failures = "; ".join(f"{d}: {why}" for d, why in result.failed.items())
+        if not result.shipped_bytes:
+            raise StorageUnavailable(f"the audit trail reached no destination: {failures}")
+        raise PartialFailure(f"the audit trail was not shipped to: {failures}")

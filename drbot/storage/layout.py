@@ -94,3 +94,38 @@ def parse_key(policy: str, key: str) -> ParsedKey | None:
     if rest.endswith(ARTIFACT_SUFFIX):
         return ParsedKey(backup_id, False, unquote(rest[: -len(ARTIFACT_SUFFIX)]))
     return None
+
+
+# -- the audit trail in a destination ------------------------------------------------------
+#
+#   audit/<trail id>/segments/<start offset>-<end offset>.jsonl   bytes [start, end) of trail.jsonl
+#   audit/<trail id>/anchors/<seq>.json                            a signed chain head
+#
+# The trail id is the first 16 hex digits of the audit public key, so trails of several hosts
+# can share a destination. Offsets and sequence numbers are zero-padded so keys sort in order.
+
+AUDIT_PREFIX = "audit/"
+
+
+def audit_prefix(trail_id: str) -> str:
+    return f"{AUDIT_PREFIX}{trail_id}/"
+
+
+def audit_segment_key(trail_id: str, start: int, end: int) -> str:
+    return f"{audit_prefix(trail_id)}segments/{start:016d}-{end:016d}.jsonl"
+
+
+def parse_audit_segment_key(trail_id: str, key: str) -> tuple[int, int] | None:
+    """(start, end) byte offsets of a segment key; None if `key` is not one."""
+    m = re.fullmatch(re.escape(audit_prefix(trail_id)) + r"segments/(\d{16})-(\d{16})\.jsonl", key)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def audit_anchor_key(trail_id: str, seq: int) -> str:
+    return f"{audit_prefix(trail_id)}anchors/{seq:012d}.json"
+
+
+def is_audit_anchor_key(trail_id: str, key: str) -> bool:
+    return (
+        re.fullmatch(re.escape(audit_prefix(trail_id)) + r"anchors/\d{12}\.json", key) is not None
+    )

@@ -246,3 +246,26 @@ def test_every_action_lands_in_a_verifiable_audit_trail(e2e: Env) -> None:
     assert res.returncode == 13, res.stdout + res.stderr
     assert f"event {index + 1}" in res.stderr
     assert "edited" in res.stderr
+
+
+def test_audit_trail_ships_to_both_regions_and_anchors_catch_a_cut(e2e: Env) -> None:
+    """`audit ship` stores segments and anchors in each region; deleting the newest segment
+    there is reported as a cut trail (exit 13) because the anchor still records its head."""
+    _backup(e2e)
+    res = e2e.run("audit", "ship")
+    assert res.returncode == 0, res.stdout + res.stderr
+    _backup(e2e)
+    res = e2e.run("audit", "ship", "--json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    shipped = json.loads(res.stdout)
+    assert set(shipped["shipped_bytes"]) == {"primary", "replica"}
+    for destination in ("primary", "replica"):
+        res = e2e.run("audit", "verify", "--from", destination)
+        assert res.returncode == 0, res.stdout + res.stderr
+    segments = sorted(k for k in e2e.objects(1) if "/segments/" in k)
+    assert len(segments) == 2
+    e2e.client("eu-west-1").delete_object(Bucket=e2e.buckets[1], Key=segments[-1])
+    res = e2e.run("audit", "verify", "--from", "replica")
+    assert res.returncode == 13, res.stdout + res.stderr
+    assert "truncated" in res.stderr
+    assert e2e.run("audit", "verify", "--from", "primary").returncode == 0
