@@ -76,7 +76,10 @@ class AuditEvent:
 
 
 def canonical(data: dict[str, Any]) -> bytes:
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    # A lone surrogate (a file name that was not UTF-8) becomes a JSON \udcXX escape, which
+    # parses back to the same string, so hashing stays stable instead of failing to encode.
+    return text.encode("utf-8", "backslashreplace")
 
 
 def seal(event: AuditEvent, key: Ed25519PrivateKey) -> AuditEvent:

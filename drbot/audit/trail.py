@@ -33,7 +33,7 @@ from drbot.pipeline.filekey import generate_key_file, read_key_file
 TRAIL_NAME = "trail.jsonl"
 KEY_NAME = "audit.key"
 PUBLIC_NAME = "audit.pub"
-_TAIL_PROBE = 1 << 20  # the last event is surely within the trail's last MiB
+_TAIL_PROBE = 1 << 16  # first read-back from the end; doubled until the last event fits
 
 
 class AuditSink(Protocol):
@@ -65,10 +65,20 @@ def default_actor() -> str:
 
 
 def load_signing_key(path: Path, *, create: bool = True) -> Ed25519PrivateKey:
-    """The Ed25519 audit key in `path` (a 32-byte seed, base64, mode 0600); created if absent."""
-    if create and not path.exists():
+    """The Ed25519 audit key in `path` (a 32-byte seed, base64, mode 0600); created if absent.
+
+    Creation and first read happen under an flock beside the key, so processes starting at
+    once on a fresh directory all end up with the one key (never a half-written file).
+    """
+    if create:
         path.parent.mkdir(parents=True, exist_ok=True)
-        generate_key_file(path)
+        lock = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not path.exists():
+                generate_key_file(path)
+        finally:
+            os.close(lock)
     return Ed25519PrivateKey.from_private_bytes(read_key_file(path))
 
 
@@ -140,9 +150,9 @@ class FileAuditTrail:
     ) -> AuditEvent:
         key = self._signing_key()
         with self._locked() as fd:
-            head, torn = _read_head(fd, self.path)
+            head, torn, needs_newline = _read_head(fd, self.path)
             seq, prev = (head.seq, head.hash) if head is not None else (0, GENESIS)
-            out = b""
+            out = b"\n" if needs_newline else b""
             if torn is not None:
                 offset, data = torn
                 marker = self._event(
@@ -199,25 +209,50 @@ class FileAuditTrail:
         )
 
 
-def _read_head(fd: int, path: Path) -> tuple[AuditEvent | None, tuple[int, bytes] | None]:
-    """The last whole event (None for an empty trail) and a torn tail (offset, bytes) if any."""
+class _NeedMore(Exception):
+    pass
+
+
+def _read_head(fd: int, path: Path) -> tuple[AuditEvent | None, tuple[int, bytes] | None, bool]:
+    """The last whole event, a torn tail (offset, bytes) if any, and whether the last event
+    lacks only its newline (a crash between the two). Reads back from the end as far as needed.
+    """
     size = os.fstat(fd).st_size
     if size == 0:
-        return None, None
-    start = max(0, size - _TAIL_PROBE)
-    tail = os.pread(fd, size - start, start)
+        return None, None, False
+    probe = _TAIL_PROBE
+    while True:
+        start = max(0, size - probe)
+        tail = os.pread(fd, size - start, start)
+        try:
+            return _head_in(tail, start, path)
+        except _NeedMore:
+            probe *= 2
+
+
+def _head_in(
+    tail: bytes, start: int, path: Path
+) -> tuple[AuditEvent | None, tuple[int, bytes] | None, bool]:
+    complete = start == 0  # `tail` is the whole file
     torn: tuple[int, bytes] | None = None
     if not tail.endswith(b"\n"):
-        cut = tail.rfind(b"\n") + 1  # 0 when the whole probe is one torn line
-        torn = (start + cut, tail[cut:])
-        tail = tail[:cut]
-    lines = tail.rstrip(b"\n").split(b"\n") if tail else []
-    if not lines or (start > 0 and len(lines) == 1):
-        if torn is not None and start == 0 and not lines:
-            return None, torn  # the very first append was torn
-        raise IntegrityFailure(f"{path}: cannot find the last whole event")
+        cut = tail.rfind(b"\n") + 1
+        if cut == 0 and not complete:
+            raise _NeedMore
+        piece = tail[cut:]
+        try:
+            return parse_line(piece), None, True  # whole, but for its newline
+        except EventFormatError:
+            torn = (start + cut, piece)
+            tail = tail[:cut]
+    if not tail:
+        return None, torn, False  # the very first append was torn
+    body = tail[:-1]
+    cut = body.rfind(b"\n") + 1
+    if cut == 0 and not complete:
+        raise _NeedMore
     try:
-        return parse_line(lines[-1]), torn
+        return parse_line(body[cut:]), torn, False
     except EventFormatError as exc:
         raise IntegrityFailure(
             f"{path}: the last whole event is damaged ({exc}); not extending a broken chain",

@@ -52,7 +52,16 @@ def verify_trail(data: bytes, public: Ed25519PublicKey) -> TrailReport:
     """Verify a whole trail (`trail.jsonl` bytes) against the audit public key."""
     report = TrailReport()
     lines = data.split(b"\n")
-    tail = lines.pop()  # after the last newline: empty, or a torn line
+    tail = lines.pop()  # after the last newline: empty, a torn line, or an event lacking "\n"
+    if tail and _parses(tail):
+        lines.append(tail)
+        tail = b""
+    # Where each sequence number occurs, to tell a reordering from a removal.
+    lines_of: dict[int, list[int]] = {}
+    for number, raw in enumerate(lines, start=1):
+        seq = _seq_of(raw)
+        if seq is not None:
+            lines_of.setdefault(seq, []).append(number)
     expected_seq = 1
     expected_prev = GENESIS
     offset = 0
@@ -73,7 +82,7 @@ def verify_trail(data: bytes, public: Ed25519PublicKey) -> TrailReport:
             if not _explains(event, unexplained):
                 _damaged(report, unexplained, f"is not an event ({last_error})")
             unexplained = None
-        _check(report, public, number, event, (expected_seq, expected_prev))
+        _check(report, public, number, event, (expected_seq, expected_prev), lines_of)
         report.events += 1
         report.head = event
         report.hashes.setdefault(event.seq, event.hash)
@@ -112,6 +121,7 @@ def _check(
     number: int,
     event: AuditEvent,
     expected: tuple[int, str],
+    lines_of: dict[int, list[int]],
 ) -> None:
     expected_seq, expected_prev = expected
 
@@ -125,8 +135,27 @@ def _check(
     elif not signature_ok(event, public):
         problem("bad-signature", f"{event.action} is not signed by the audit key")
     if event.seq > expected_seq:
-        problem("missing", f"events {expected_seq}..{event.seq - 1} are missing")
+        later = [n for n in lines_of.get(expected_seq, []) if n > number]
+        if later:
+            problem("reordered", f"event {expected_seq} comes later, at line {later[0]}")
+        else:
+            problem("missing", f"events {expected_seq}..{event.seq - 1} are missing")
     elif event.seq < expected_seq:
         problem("reordered", f"sequence goes back from {expected_seq - 1} to {event.seq}")
     elif event.prev != expected_prev:
         problem("chain-broken", "does not follow the event before it (inserted or reordered)")
+
+
+def _parses(raw: bytes) -> bool:
+    try:
+        parse_line(raw)
+    except EventFormatError:
+        return False
+    return True
+
+
+def _seq_of(raw: bytes) -> int | None:
+    try:
+        return parse_line(raw).seq
+    except EventFormatError:
+        return None
