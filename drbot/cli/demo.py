@@ -11,10 +11,19 @@ from typing import TYPE_CHECKING
 
 import click
 
+from drbot.audit.ship import check_anchors, fetch_shipped, ship_trail
+from drbot.audit.trail import FileAuditTrail, load_signing_key
+from drbot.audit.verify import verify_trail
 from drbot.catalog import scan_catalog
 from drbot.cli.common import human_bytes, load_settings
 from drbot.clock import SystemClock
 from drbot.errors import IntegrityFailure
+from drbot.ops.audit_events import (
+    record_backup,
+    record_restore_completed,
+    record_restore_planned,
+    record_verify,
+)
 from drbot.ops.backup import BackupSettings, run_backup
 from drbot.ops.lock import policy_lock
 from drbot.ops.restore import execute_restore, plan_restore
@@ -51,7 +60,7 @@ targets:
 
 
 def _step(n: int, text: str) -> None:
-    click.secho(f"[{n}/6] {text}", bold=True)
+    click.secho(f"[{n}/7] {text}", bold=True)
 
 
 @click.command("demo")
@@ -99,7 +108,9 @@ def command(workdir: Path) -> None:
         click.echo(f"      server {server.uri('postgres')} (stopped at the end)")
 
         _step(2, "Generating a key and writing the demo policy")
+        trail = FileAuditTrail(root / "audit", SystemClock())
         key_id = generate_key_file(key_path)
+        trail.record("key.generated", subject={"key_id": key_id}, details={"path": str(key_path)})
         policy_path = root / "policies" / "demo.yaml"
         policy_path.write_text(_POLICY.format(key=key_path, root=root))
         policy = load_policy(policy_path, {**os.environ, "DRBOT_DEMO_DB_URI": source_uri})
@@ -113,6 +124,7 @@ def command(workdir: Path) -> None:
         settings = BackupSettings(policy=policy.name, engine_name="postgresql")
         with policy_lock(root / "state", policy.name):
             result = run_backup(settings, engine, storages, keys, SystemClock())
+        record_backup(trail, policy.name, result, "full")
         stored = max(result.stored_bytes.values())
         click.echo(
             f"      backup {result.backup_id}: {human_bytes(result.plaintext_bytes)} dumped, "
@@ -121,13 +133,15 @@ def command(workdir: Path) -> None:
 
         _step(4, "Verifying every stored object in every destination")
         report = run_verify(policy.name, storages, keys)
+        record_verify(trail, policy.name, report)
         if not report.ok:
             raise IntegrityFailure(f"verify found problems: {report.findings}")
         click.echo(
             f"      {report.checked_objects} objects, every frame authenticated, SHA-256 matches"
         )
 
-        _restore_and_compare(server, policy.name, storages, keys)
+        _restore_and_compare(server, policy.name, storages, keys, trail)
+        _check_audit_trail(trail, storages)
     finally:
         server.stop()
         server.remove()
@@ -136,7 +150,11 @@ def command(workdir: Path) -> None:
 
 
 def _restore_and_compare(
-    server: LocalPostgres, policy_name: str, storages: list[Storage], keys: FileKeyProvider
+    server: LocalPostgres,
+    policy_name: str,
+    storages: list[Storage],
+    keys: FileKeyProvider,
+    trail: FileAuditTrail,
 ) -> None:
     from drbot.engines.postgres.engine import PostgresEngine
 
@@ -151,9 +169,11 @@ def _restore_and_compare(
         target_state="empty" if target.target_is_empty(target_uri) else "not-empty",
         from_destination="replica",
     )
+    record_restore_planned(trail, plan, dry_run=False)
     restored = execute_restore(
         plan, scan, {s.name: s for s in storages}, target, target_uri, SystemClock()
     )
+    record_restore_completed(trail, plan, restored)
     click.echo(f"      restored in {restored.duration_s:.1f}s")
 
     _step(6, "Comparing restored data with the backup's fingerprint")
@@ -162,6 +182,24 @@ def _restore_and_compare(
     assert plan.expected is not None
     for name, t in sorted(plan.expected.tables.items()):
         click.echo(f"      {name:<20} {t.rows:>7} rows  checksum {t.checksum[:12]}…  match")
+
+
+def _check_audit_trail(trail: FileAuditTrail, storages: list[Storage]) -> None:
+    _step(7, "Shipping the signed audit trail to both destinations and verifying it from there")
+    key = load_signing_key(trail.key_path)
+    shipped = ship_trail(trail.directory, storages, key, SystemClock())
+    if shipped.failed:
+        raise IntegrityFailure(f"audit trail not shipped: {shipped.failed}")
+    for storage in storages:
+        data, anchors = fetch_shipped(storage, key.public_key())
+        report = verify_trail(data, key.public_key())
+        check_anchors(report, anchors, key.public_key())
+        if not report.ok:
+            raise IntegrityFailure(f"audit trail in {storage.name}: {report.problems[0].message}")
+    click.echo(
+        f"      {shipped.anchored_seq} events, each signed and chained; anchored in "
+        f"{', '.join(s.name for s in storages)}; `drbot audit verify` passes"
+    )
 
 
 def _print_where(
@@ -173,9 +211,12 @@ def _print_where(
     click.echo(f"  policy        {policy_path}")
     click.echo(f"  destinations  {root}/destinations/primary and …/replica")
     click.echo(f"  backup        {backup_id} (manifest.json + encrypted artifacts)")
+    click.echo(f"  audit trail   {root}/audit/trail.jsonl (public key audit.pub beside it)")
     click.echo("Try:")
     click.echo(f"  DRBOT_DEMO_DB_URI=postgresql://unused drbot list --policies {root}/policies")
     click.echo(
         f"  DRBOT_DEMO_DB_URI=postgresql://unused drbot verify --policies {root}/policies "
         "--policy demo"
     )
+    click.echo(f"  drbot audit verify --trail {root}/audit")
+    click.echo(f"  drbot audit show --trail {root}/audit")
