@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
-from apscheduler.triggers.cron import CronTrigger
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -30,6 +29,7 @@ from pydantic import (
     model_validator,
 )
 
+from drbot.policy.cron import cron_trigger
 from drbot.policy.durations import Duration
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -54,9 +54,9 @@ class SubfieldError(ValueError):
 
 
 def check_cron(expr: str) -> str:
-    """`expr` itself if APScheduler reads it as a 5-field crontab in UTC; ValueError otherwise."""
+    """`expr` itself if it is a 5-field crontab expression (UTC); ValueError otherwise."""
     try:
-        CronTrigger.from_crontab(expr, timezone="UTC")
+        cron_trigger(expr)
     except ValueError as exc:
         raise ValueError(
             f"invalid cron expression {expr!r}: {exc} "
