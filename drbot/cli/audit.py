@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from drbot.audit.event import EventFormatError, parse_line
+from drbot.audit.evidence import PolicyFacts, build_evidence, event_time
+from drbot.audit.render import to_csv, to_html
 from drbot.audit.ship import check_anchors, fetch_shipped, ship_trail
-from drbot.audit.trail import PUBLIC_NAME, TRAIL_NAME, load_public_key, load_signing_key
-from drbot.audit.verify import verify_trail
+from drbot.audit.trail import (
+    PUBLIC_NAME,
+    TRAIL_NAME,
+    load_public_key,
+    load_signing_key,
+    public_key_text,
+)
+from drbot.audit.verify import TrailProblem, TrailReport, verify_trail
 from drbot.cli import build
 from drbot.cli.common import (
     audit_trail,
@@ -86,7 +97,9 @@ def verify(
       drbot audit verify --trail /evidence/trail.jsonl --public-key /evidence/audit.pub
       drbot audit verify --from replica --public-key /evidence/audit.pub
     """
-    if from_destination is None:
+    if from_destination is None and trail is not None and trail.suffix == ".json":
+        report, where = _verify_export(trail, public_key)
+    elif from_destination is None:
         path = _trail_file(policies_dir, trail)
         key = load_public_key(public_key or path.parent / PUBLIC_NAME)
         report = verify_trail(path.read_bytes(), key)
@@ -230,3 +243,130 @@ def ship(policies_dir: Path | None, as_json: bool) -> None:
         if not result.shipped_bytes:
             raise StorageUnavailable(f"the audit trail reached no destination: {failures}")
         raise PartialFailure(f"the audit trail was not shipped to: {failures}")
+
+
+def _parse_day(text: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(
+            f"not a date: {text!r}", hint="use YYYY-MM-DD or an ISO 8601 time"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+@command.command("export")
+@click.option("--since", required=True, help="Start of the period (YYYY-MM-DD or ISO time, UTC).")
+@click.option("--until", required=True, help="End of the period, exclusive.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["json", "csv", "html"]),
+    default="json",
+    show_default=True,
+    help="json: the full evidence and the chain to verify it; csv: events; html: a report.",
+)
+@click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--policy", "policy_name", help="Only this policy (default: every policy).")
+@click.option("--trail", type=click.Path(path_type=Path), help="Trail file or directory.")
+@policies_option
+def export(
+    since: str,
+    until: str,
+    fmt: str,
+    out: Path,
+    policy_name: str | None,
+    trail: Path | None,
+    policies_dir: Path | None,
+) -> None:
+    """Write the evidence for a period: backups, restores, failures, and a verdict per control.
+
+    Controls: backups on schedule, encryption in force, copies in two regions, immutability
+    (object lock), restore tested within the RTO target; each marked met / not met with the
+    audit events that show it. The JSON export carries the whole chain it was cut from and
+    the public key, so an auditor can check it with `drbot audit verify --trail FILE`.
+    A trail that does not verify is not exported (exit 13).
+
+    \b
+    Examples:
+      drbot audit export --since 2026-10-01 --until 2026-11-01 --format html --out q4.html
+      drbot audit export --since 2026-10-01 --until 2026-11-01 --policy shop --out shop.json
+    """
+    settings = load_settings(policies_dir)
+    path = _trail_file(policies_dir, trail)
+    key = load_public_key(path.parent / PUBLIC_NAME)
+    data = path.read_bytes()
+    whole = data[: data.rfind(b"\n") + 1]
+    report = verify_trail(whole, key)
+    if not report.ok or report.head is None:
+        why = report.problems[0].message if report.problems else "the trail is empty"
+        raise IntegrityFailure(f"not exporting from {path}: {why}")
+    policies = [find_policy(settings, policy_name)] if policy_name else load_policies(settings)
+    facts = [
+        PolicyFacts(p.name, full_schedule=p.schedule.full, rto=p.targets.rto) for p in policies
+    ]
+    events = [parse_line(raw) for raw in whole.split(b"\n") if raw and _is_event(raw)]
+    doc = build_evidence(events, since=_parse_day(since), until=_parse_day(until), policies=facts)
+    doc["chain"] = {
+        "head": {"seq": report.head.seq, "hash": report.head.hash, "time": report.head.time},
+        "public_key": public_key_text(key),
+        "trail": whole.decode("utf-8", "backslashreplace").splitlines(),
+    }
+    names = {f.name for f in facts}
+    if fmt == "json":
+        out.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    elif fmt == "csv":
+        period = [
+            e
+            for e in events
+            if e.policy in names or (e.policy is None and not policy_name)
+            if _parse_day(since) <= event_time(e) < _parse_day(until)
+        ]
+        out.write_text(to_csv(period))
+    else:
+        rto = {f.name: f.rto.total_seconds() if f.rto else None for f in facts}
+        out.write_text(to_html(doc, rto))
+    verdicts = [
+        f"{name}: {sum(c['status'] == 'met' for c in pol['controls'].values())}/"
+        f"{len(pol['controls'])} controls met"
+        for name, pol in doc["policies"].items()
+    ]
+    click.echo(f"Wrote {fmt} evidence to {out} ({'; '.join(verdicts)}).")
+
+
+def _is_event(raw: bytes) -> bool:
+    try:
+        parse_line(raw)
+    except EventFormatError:
+        return False
+    return True
+
+
+def _verify_export(path: Path, public_key: Path | None) -> tuple[TrailReport, str]:
+    """Verify the chain a JSON evidence export carries, and that it ends at the stated head."""
+    try:
+        doc = json.loads(path.read_text())
+        chain = doc["chain"]
+        data = ("\n".join(chain["trail"]) + "\n").encode("utf-8", "backslashreplace")
+        embedded = Ed25519PublicKey.from_public_bytes(bytes.fromhex(chain["public_key"]))
+        head = chain["head"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"{path} is not a drbot evidence export ({exc})") from None
+    key = load_public_key(public_key) if public_key is not None else embedded
+    if public_key is None:
+        click.echo(
+            "Note: using the public key inside the export; pass --public-key with a copy "
+            "obtained independently to rule out a re-signed export.",
+            err=True,
+        )
+    report = verify_trail(data, key)
+    if report.head is None or (report.head.seq, report.head.hash) != (head["seq"], head["hash"]):
+        report.problems.append(
+            TrailProblem(
+                0,
+                head.get("seq"),
+                "head-mismatch",
+                "the export's chain does not end at the head it states",
+            )
+        )
+    return report, f"{path} (export)"

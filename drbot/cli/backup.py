@@ -67,7 +67,16 @@ def command(policy_name: str, backup_type: str, policies_dir: Path | None, as_js
             details={
                 "type": backup_type,
                 "mode": policy.source.mode,
-                "destinations": {s.name: {"url": s.url, "region": s.region} for s in storages},
+                "destinations": {
+                    d.name: {
+                        "url": d.url,
+                        "region": d.region,
+                        "object_lock": None
+                        if d.object_lock is None
+                        else {"mode": d.object_lock.mode, "days": d.object_lock.days},
+                    }
+                    for d in policy.destinations
+                },
                 "key": keys.describe(),
             },
         )

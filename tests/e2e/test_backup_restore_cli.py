@@ -269,3 +269,56 @@ def test_audit_trail_ships_to_both_regions_and_anchors_catch_a_cut(e2e: Env) -> 
     assert res.returncode == 13, res.stdout + res.stderr
     assert "truncated" in res.stderr
     assert e2e.run("audit", "verify", "--from", "primary").returncode == 0
+
+
+def test_evidence_export_marks_controls_as_the_events_say(e2e: Env) -> None:
+    """A period with a backup, a failed backup and a restore: controls follow the events; the
+    JSON export verifies on its own, and an edit to it is caught."""
+    backup_id = _backup(e2e)
+    failed = e2e.run(
+        "backup", "--policy", "shop", SHOP_DB_URI="postgresql://postgres@127.0.0.1:1/x"
+    )
+    assert failed.returncode == 14
+    target = e2e.pg.uri(f"{e2e.database}_evidence")
+    assert e2e.run("restore", "--policy", "shop", "--to", target, "--yes").returncode == 0
+    period = ("--since", "2000-01-01", "--until", "2100-01-01")
+    out = e2e.tmp / "evidence.json"
+    res = e2e.run("audit", "export", *period, "--out", str(out))
+    assert res.returncode == 0, res.stdout + res.stderr
+    doc = json.loads(out.read_text())
+    shop = doc["policies"]["shop"]
+    assert [b["id"] for b in shop["backups"]] == [backup_id]
+    assert shop["backups"][0]["destinations"]["replica"]["region"] == "eu-west-1"
+    assert [f["action"] for f in shop["failures"]] == ["backup.failed"]
+    assert shop["failures"][0]["details"]["exit_code"] == 14
+    status = {name: c["status"] for name, c in shop["controls"].items()}
+    assert status == {
+        "backups_on_schedule": "not applicable",  # the policy schedules nothing
+        "encryption_in_force": "met",
+        "copies_in_two_regions": "met",
+        "immutability": "not met",  # no object lock on these buckets
+        "restore_tested": "met",  # within the 30m RTO
+    }
+    res = e2e.run("audit", "verify", "--trail", str(out))
+    assert res.returncode == 0, res.stdout + res.stderr
+
+    html_out = e2e.tmp / "evidence.html"
+    assert (
+        e2e.run("audit", "export", *period, "--format", "html", "--out", str(html_out)).returncode
+        == 0
+    )
+    page = html_out.read_text()
+    assert "<svg" in page and "restore tested" in page and backup_id in page
+    csv_out = e2e.tmp / "evidence.csv"
+    assert (
+        e2e.run("audit", "export", *period, "--format", "csv", "--out", str(csv_out)).returncode
+        == 0
+    )
+    assert "backup.completed" in csv_out.read_text()
+
+    lines = doc["chain"]["trail"]
+    edited = next(i for i, line in enumerate(lines) if '"outcome":"ok"' in line)
+    lines[edited] = lines[edited].replace('"outcome":"ok"', '"outcome":"failed"')
+    out.write_text(json.dumps(doc))
+    res = e2e.run("audit", "verify", "--trail", str(out))
+    assert res.returncode == 13, res.stdout + res.stderr

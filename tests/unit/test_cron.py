@@ -16,7 +16,8 @@ SUNDAY = datetime(2026, 11, 22, tzinfo=UTC)  # a Sunday
 def _weekdays(expr: str) -> list[str]:
     """Names of the days the expression fires on during the week starting SUNDAY."""
     trigger = cron_trigger(expr)
-    fired, previous, now = [], None, SUNDAY
+    fired: list[str] = []
+    previous, now = None, SUNDAY
     while True:
         fire = trigger.get_next_fire_time(previous, now)
         assert fire is not None
