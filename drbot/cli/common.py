@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import structlog
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -60,14 +61,48 @@ def load_settings(policies_dir: Path | None = None) -> Settings:
 def load_policies(settings: Settings) -> list[Any]:
     from drbot.policy.load import load_policies as _load
 
-    return _load(settings.policies, os.environ)
+    policies = _load(settings.policies, os.environ)
+    note_policies(settings, policies)
+    return policies
+
+
+def note_policies(settings: Settings, policies: list[Any]) -> None:
+    """Record `policy.loaded` for a policy seen for the first time, `policy.changed` when the
+    text of its file differs from the last time (both with the file's SHA-256)."""
+    seen_file = settings.audit_directory / "policies-seen.json"
+    try:
+        seen: dict[str, str] = json.loads(seen_file.read_text())
+    except (OSError, ValueError):
+        seen = {}
+    changed = False
+    for policy in policies:
+        digest = policy.source_sha256
+        if digest is None or seen.get(policy.name) == digest:
+            continue
+        try:
+            audit_trail(settings).record(
+                "policy.changed" if policy.name in seen else "policy.loaded",
+                policy=policy.name,
+                subject={"file": str(policy.source_file)},
+                outcome="info",
+                details={"sha256": digest, "previous_sha256": seen.get(policy.name)},
+            )
+        except DrbotError as exc:
+            # Reading policies must work for people who cannot write the trail (an auditor
+            # running `list`); commands that act record their own events and fail there.
+            structlog.get_logger(__name__).warning("audit.record_failed", error=exc.message)
+            return
+        seen[policy.name] = digest
+        changed = True
+    if changed:
+        tmp = seen_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(seen, indent=1, sort_keys=True))
+        tmp.replace(seen_file)
 
 
 def find_policy(settings: Settings, name: str) -> Any:
     """The policy called `name` in the policies directory; every policy file must be valid."""
-    from drbot.policy.load import load_policies as _load
-
-    policies = _load(settings.policies, os.environ)
+    policies = load_policies(settings)
     for p in policies:
         if p.name == name:
             return p

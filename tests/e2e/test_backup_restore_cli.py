@@ -218,6 +218,7 @@ def test_every_action_lands_in_a_verifiable_audit_trail(e2e: Env) -> None:
     actions = [e["action"] for e in events]
     for action in (
         "key.generated",
+        "policy.loaded",
         "backup.started",
         "artifact.stored",
         "backup.completed",
@@ -236,6 +237,14 @@ def test_every_action_lands_in_a_verifiable_audit_trail(e2e: Env) -> None:
     restored = next(e for e in events if e["action"] == "restore.completed")
     assert restored["outcome"] == "ok"
     assert "@" in restored["actor"]
+
+    policy = e2e.tmp / "policies" / "shop.yaml"
+    policy.write_text(policy.read_text() + "# reviewed\n")
+    assert e2e.run("list", "--policy", "shop").returncode == 0
+    res = e2e.run("audit", "show", "--json", "--last", "1")
+    changed = json.loads(res.stdout)[0]
+    assert changed["action"] == "policy.changed"
+    assert changed["details"]["previous_sha256"] != changed["details"]["sha256"]
 
     trail = e2e.tmp / "state" / "audit" / "trail.jsonl"
     lines = trail.read_bytes().split(b"\n")
