@@ -116,12 +116,9 @@ def _policy_evidence(
                 "stored_bytes": e.details.get("stored_bytes"),
                 "manifest_sha256": e.details.get("manifest_sha256"),
                 "key": start.details.get("key") if start else None,
+                "key_ids": start.details.get("key_ids", {}) if start else {},
                 "destinations": {
-                    name: {
-                        "region": (dests.get(name) or {}).get("region"),
-                        "object_lock": (dests.get(name) or {}).get("object_lock"),
-                    }
-                    for name in ok
+                    name: _copy(dests.get(name) or {}, e.details.get("completed_at")) for name in ok
                 },
                 "failed_destinations": e.details.get("destinations_failed", {}),
                 "outcome": e.outcome,
@@ -133,8 +130,19 @@ def _policy_evidence(
         "restores": [_brief(e) for e in restores],
         "verifications": [_brief(e) for e in events if e.action.startswith("verify.")],
         "failures": [_brief(e) for e in failed],
+        "policy_changes": [_brief(e) for e in events if e.action.startswith("policy.")],
         "controls": _controls(facts, completed, backups, restores, since, until),
     }
+
+
+def _copy(destination: dict[str, Any], completed_at: str | None) -> dict[str, Any]:
+    """Region and object lock of one copy, with the date its lock holds until."""
+    lock = destination.get("object_lock")
+    retain_until = None
+    if lock and completed_at:
+        days = timedelta(days=int(lock.get("days", 0)))
+        retain_until = (datetime.fromisoformat(completed_at) + days).isoformat()
+    return {"region": destination.get("region"), "object_lock": lock, "retain_until": retain_until}
 
 
 def _controls(

@@ -78,6 +78,7 @@ def command(policy_name: str, backup_type: str, policies_dir: Path | None, as_js
                     for d in policy.destinations
                 },
                 "key": keys.describe(),
+                "key_ids": {s.name: keys.key_id(s.region) for s in storages},
             },
         )
         try:

@@ -298,6 +298,8 @@ def test_evidence_export_marks_controls_as_the_events_say(e2e: Env) -> None:
     shop = doc["policies"]["shop"]
     assert [b["id"] for b in shop["backups"]] == [backup_id]
     assert shop["backups"][0]["destinations"]["replica"]["region"] == "eu-west-1"
+    assert shop["backups"][0]["key_ids"]["primary"].startswith("file:")
+    assert [c["action"] for c in shop["policy_changes"]] == ["policy.loaded"]
     assert [f["action"] for f in shop["failures"]] == ["backup.failed"]
     assert shop["failures"][0]["details"]["exit_code"] == 14
     status = {name: c["status"] for name, c in shop["controls"].items()}
