@@ -162,19 +162,28 @@ def fetch_shipped(storage: Storage, public: Ed25519PublicKey) -> tuple[bytes, li
                 f"{storage.name}:{key}: {len(chunk)} bytes, expected {end - start}"
             )
         data += chunk
+    return bytes(data), fetch_anchors(storage, public)
+
+
+def fetch_anchors(storage: Storage, public: Ed25519PublicKey) -> list[Anchor]:
+    """The trail's anchors in `storage`, by sequence number (signatures not yet checked).
+
+    Raises IntegrityFailure for an object in the anchors folder that is not an anchor.
+    """
+    tid = trail_id(public)
     anchors = []
     for info in storage.list(layout.audit_prefix(tid) + "anchors/"):
         if not layout.is_audit_anchor_key(tid, info.key):
             continue
         raw = b"".join(storage.open(info.key))
         try:
-            anchors.append(_anchor(json.loads(raw)))
+            anchors.append(anchor_from_json(json.loads(raw)))
         except (TypeError, ValueError, KeyError):
             raise IntegrityFailure(f"{storage.name}:{info.key}: not an anchor") from None
-    return bytes(data), sorted(anchors, key=lambda a: a.seq)
+    return sorted(anchors, key=lambda a: a.seq)
 
 
-def _anchor(data: object) -> Anchor:
+def anchor_from_json(data: object) -> Anchor:
     if not isinstance(data, dict) or set(data) != {"trail", "seq", "hash", "end", "time", "sig"}:
         raise ValueError("not an anchor")
     seq, end = data["seq"], data["end"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import click
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -12,7 +14,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from drbot.audit.event import EventFormatError, parse_line
 from drbot.audit.evidence import PolicyFacts, build_evidence, event_time
 from drbot.audit.render import to_csv, to_html
-from drbot.audit.ship import check_anchors, fetch_shipped, ship_trail
+from drbot.audit.ship import (
+    Anchor,
+    anchor_from_json,
+    check_anchors,
+    fetch_anchors,
+    fetch_shipped,
+    ship_trail,
+)
 from drbot.audit.trail import (
     PUBLIC_NAME,
     TRAIL_NAME,
@@ -32,7 +41,13 @@ from drbot.cli.common import (
     print_json,
 )
 from drbot.clock import SystemClock
-from drbot.errors import IntegrityFailure, PartialFailure, StorageUnavailable, UsageError
+from drbot.errors import (
+    DrbotError,
+    IntegrityFailure,
+    PartialFailure,
+    StorageUnavailable,
+    UsageError,
+)
 from drbot.settings import Settings
 from drbot.storage.base import Storage
 
@@ -307,11 +322,20 @@ def export(
     ]
     events = [parse_line(raw) for raw in whole.split(b"\n") if raw and _is_event(raw)]
     doc = build_evidence(events, since=_parse_day(since), until=_parse_day(until), policies=facts)
+    anchors, unavailable = _anchors_of(policies, key)
     doc["chain"] = {
         "head": {"seq": report.head.seq, "hash": report.head.hash, "time": report.head.time},
         "public_key": public_key_text(key),
+        "anchors": [{"destination": d, **asdict(a)} for d, a in anchors],
+        "anchors_unavailable": unavailable,
         "trail": whole.decode("utf-8", "backslashreplace").splitlines(),
     }
+    check_anchors(report, [a for _, a in anchors], key)
+    if not report.ok:
+        raise IntegrityFailure(
+            f"not exporting: the trail disagrees with the anchors in storage: "
+            f"{report.problems[0].message}"
+        )
     names = {f.name for f in facts}
     if fmt == "json":
         out.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
@@ -360,6 +384,14 @@ def _verify_export(path: Path, public_key: Path | None) -> tuple[TrailReport, st
             err=True,
         )
     report = verify_trail(data, key)
+    try:
+        anchors = [
+            anchor_from_json({k: v for k, v in a.items() if k != "destination"})
+            for a in chain.get("anchors", [])
+        ]
+    except (TypeError, ValueError, KeyError, AttributeError):
+        raise UsageError(f"{path}: the export's anchors are malformed") from None
+    check_anchors(report, anchors, key)
     if report.head is None or (report.head.seq, report.head.hash) != (head["seq"], head["hash"]):
         report.problems.append(
             TrailProblem(
@@ -370,3 +402,22 @@ def _verify_export(path: Path, public_key: Path | None) -> tuple[TrailReport, st
             )
         )
     return report, f"{path} (export)"
+
+
+def _anchors_of(
+    policies: list[Any], key: Ed25519PublicKey
+) -> tuple[list[tuple[str, Anchor]], dict[str, str]]:
+    """Every anchor in the policies' destinations (once per URL); unreachable ones named."""
+    found: list[tuple[str, Anchor]] = []
+    unavailable: dict[str, str] = {}
+    seen: set[str] = set()
+    for policy in policies:
+        for storage in build.build_storages(policy):
+            if storage.url in seen:
+                continue
+            seen.add(storage.url)
+            try:
+                found += [(storage.name, a) for a in fetch_anchors(storage, key)]
+            except DrbotError as exc:
+                unavailable[storage.name] = exc.message
+    return found, unavailable

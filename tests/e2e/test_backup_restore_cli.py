@@ -290,6 +290,7 @@ def test_evidence_export_marks_controls_as_the_events_say(e2e: Env) -> None:
     assert failed.returncode == 14
     target = e2e.pg.uri(f"{e2e.database}_evidence")
     assert e2e.run("restore", "--policy", "shop", "--to", target, "--yes").returncode == 0
+    assert e2e.run("audit", "ship").returncode == 0
     period = ("--since", "2000-01-01", "--until", "2100-01-01")
     out = e2e.tmp / "evidence.json"
     res = e2e.run("audit", "export", *period, "--out", str(out))
@@ -326,6 +327,18 @@ def test_evidence_export_marks_controls_as_the_events_say(e2e: Env) -> None:
         == 0
     )
     assert "backup.completed" in csv_out.read_text()
+
+    assert {a["destination"] for a in doc["chain"]["anchors"]} == {"primary", "replica"}
+
+    # Cutting the export's chain short, head included, still contradicts the anchors.
+    cut = json.loads(json.dumps(doc))
+    del cut["chain"]["trail"][-4:]
+    last = json.loads(cut["chain"]["trail"][-1])
+    cut["chain"]["head"] = {"seq": last["seq"], "hash": last["hash"], "time": last["time"]}
+    out.write_text(json.dumps(cut))
+    res = e2e.run("audit", "verify", "--trail", str(out))
+    assert res.returncode == 13, res.stdout + res.stderr
+    assert "truncated" in res.stderr
 
     lines = doc["chain"]["trail"]
     edited = next(i for i, line in enumerate(lines) if '"outcome":"ok"' in line)
