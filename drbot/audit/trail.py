@@ -16,6 +16,7 @@ import fcntl
 import getpass
 import hashlib
 import os
+import secrets
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -71,8 +72,14 @@ def load_signing_key(path: Path, *, create: bool = True) -> Ed25519PrivateKey:
     once on a fresh directory all end up with the one key (never a half-written file).
     """
     if create:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise KeyProblem(
+                f"cannot create the audit key {path}: {exc.strerror or exc}",
+                hint="set DRBOT_AUDIT_DIR (or DRBOT_AUDIT_KEY) to a place drbot can write",
+            ) from None
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not path.exists():
@@ -119,8 +126,16 @@ class FileAuditTrail:
             self._key = load_signing_key(self.key_path)
             public = self.directory / PUBLIC_NAME
             text = public_key_text(self._key.public_key()) + "\n"
-            if not public.exists() or public.read_text() != text:
-                public.write_text(text)
+            try:
+                if not public.exists() or public.read_text() != text:
+                    tmp = public.with_name(f".{public.name}.{secrets.token_hex(6)}")
+                    tmp.write_text(text)
+                    tmp.replace(public)
+            except OSError as exc:
+                raise DrbotError(
+                    f"cannot publish the audit public key {public}: {exc.strerror or exc}",
+                    hint="set DRBOT_AUDIT_DIR to a directory drbot can write",
+                ) from None
         return self._key
 
     @contextmanager
@@ -152,9 +167,8 @@ class FileAuditTrail:
         with self._locked() as fd:
             head, torn, needs_newline = _read_head(fd, self.path)
             seq, prev = (head.seq, head.hash) if head is not None else (0, GENESIS)
-            out = b"\n" if needs_newline else b""
-            if torn is not None:
-                offset, data = torn
+            out = b"\n" if needs_newline or (torn and not torn[-1][2]) else b""
+            for offset, data, _ in torn:
                 marker = self._event(
                     seq + 1,
                     prev,
@@ -165,14 +179,16 @@ class FileAuditTrail:
                     {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()},
                     key,
                 )
-                out += b"\n" + marker.to_line()
+                out += marker.to_line()
                 seq, prev = marker.seq, marker.hash
             event = self._event(
                 seq + 1, prev, action, policy, subject or {}, outcome, details or {}, key
             )
             out += event.to_line()
             try:
-                os.write(fd, out)
+                view = memoryview(out)
+                while view:  # a short write (disk full, signal) must not pass as durable
+                    view = view[os.write(fd, view) :]
                 os.fsync(fd)
             except OSError as exc:
                 raise DrbotError(
@@ -213,13 +229,18 @@ class _NeedMore(Exception):
     pass
 
 
-def _read_head(fd: int, path: Path) -> tuple[AuditEvent | None, tuple[int, bytes] | None, bool]:
-    """The last whole event, a torn tail (offset, bytes) if any, and whether the last event
-    lacks only its newline (a crash between the two). Reads back from the end as far as needed.
+# (offset, bytes, ends with a newline) of each line after the head that is not an event.
+_Torn = list[tuple[int, bytes, bool]]
+
+
+def _read_head(fd: int, path: Path) -> tuple[AuditEvent | None, _Torn, bool]:
+    """The last whole event, the lines after it that are not events (crash debris: a torn
+    line, or a repair that was itself cut short), and whether the last event lacks only its
+    newline. Reads back from the end as far as needed.
     """
     size = os.fstat(fd).st_size
     if size == 0:
-        return None, None, False
+        return None, [], False
     probe = _TAIL_PROBE
     while True:
         start = max(0, size - probe)
@@ -230,31 +251,35 @@ def _read_head(fd: int, path: Path) -> tuple[AuditEvent | None, tuple[int, bytes
             probe *= 2
 
 
-def _head_in(
-    tail: bytes, start: int, path: Path
-) -> tuple[AuditEvent | None, tuple[int, bytes] | None, bool]:
+_MAX_DEBRIS = 16  # more consecutive non-events than crashes explain: someone edited the file
+
+
+def _head_in(tail: bytes, start: int, path: Path) -> tuple[AuditEvent | None, _Torn, bool]:
     complete = start == 0  # `tail` is the whole file
-    torn: tuple[int, bytes] | None = None
-    if not tail.endswith(b"\n"):
-        cut = tail.rfind(b"\n") + 1
+    debris: _Torn = []
+    end = len(tail)
+    while True:
+        cut = tail.rfind(b"\n", 0, end - 1 if tail[end - 1 : end] == b"\n" else end) + 1
         if cut == 0 and not complete:
             raise _NeedMore
-        piece = tail[cut:]
+        line = tail[cut:end]
+        newline = line.endswith(b"\n")
+        body = line[:-1] if newline else line
         try:
-            return parse_line(piece), None, True  # whole, but for its newline
-        except EventFormatError:
-            torn = (start + cut, piece)
-            tail = tail[:cut]
-    if not tail:
-        return None, torn, False  # the very first append was torn
-    body = tail[:-1]
-    cut = body.rfind(b"\n") + 1
-    if cut == 0 and not complete:
-        raise _NeedMore
-    try:
-        return parse_line(body[cut:]), torn, False
-    except EventFormatError as exc:
-        raise IntegrityFailure(
-            f"{path}: the last whole event is damaged ({exc}); not extending a broken chain",
-            hint="run `drbot audit verify` to see where the trail was changed",
-        ) from None
+            event = parse_line(body)
+        except EventFormatError as exc:
+            # Only a crash leaves debris, and a crash always leaves the very last line
+            # unfinished; a bad line that ends properly was changed by someone.
+            last_is_torn = (not debris and not newline) or (bool(debris) and not debris[-1][2])
+            debris.insert(0, (start + cut, body, newline))
+            if not last_is_torn or len(debris) > _MAX_DEBRIS:
+                raise IntegrityFailure(
+                    f"{path}: the last whole event is damaged ({exc}); not extending a broken "
+                    "chain",
+                    hint="run `drbot audit verify` to see where the trail was changed",
+                ) from None
+            if cut == 0:
+                return None, debris, False  # nothing but debris: the first appends were torn
+            end = cut
+            continue
+        return event, debris, not newline and not debris

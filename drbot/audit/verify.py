@@ -65,7 +65,7 @@ def verify_trail(data: bytes, public: Ed25519PublicKey) -> TrailReport:
     expected_seq = 1
     expected_prev = GENESIS
     offset = 0
-    unexplained: tuple[int, int, bytes] | None = None  # (line, offset, bytes) of a bad line
+    unexplained: list[tuple[int, int, bytes]] = []  # (line, offset, bytes) of bad lines
     last_error = ""
     for number, raw in enumerate(lines, start=1):
         line_offset = offset
@@ -73,23 +73,25 @@ def verify_trail(data: bytes, public: Ed25519PublicKey) -> TrailReport:
         try:
             event = parse_line(raw)
         except EventFormatError as exc:
-            if unexplained is not None:
-                _damaged(report, unexplained, "is not an event")
-            unexplained = (number, line_offset, raw)
+            unexplained.append((number, line_offset, raw))
             last_error = str(exc)
             continue
-        if unexplained is not None:
-            if not _explains(event, unexplained):
-                _damaged(report, unexplained, f"is not an event ({last_error})")
-            unexplained = None
+        if unexplained:
+            # Crash debris is explained by audit.torn_line events that follow it, in order.
+            if _explains(event, unexplained[0]):
+                unexplained.pop(0)
+            else:
+                for bad in unexplained:
+                    _damaged(report, bad, f"is not an event ({last_error})")
+                unexplained.clear()
         _check(report, public, number, event, (expected_seq, expected_prev), lines_of)
         report.events += 1
         report.head = event
         report.hashes.setdefault(event.seq, event.hash)
         expected_seq = event.seq + 1
         expected_prev = event.hash
-    if unexplained is not None:
-        _damaged(report, unexplained, "is not an event and nothing after it records why")
+    for bad in unexplained:
+        _damaged(report, bad, "is not an event and nothing after it records why")
     if tail:
         report.torn_tail = (
             f"line {len(lines) + 1} is incomplete ({len(tail)} bytes): a crash while appending; "

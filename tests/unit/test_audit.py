@@ -496,7 +496,6 @@ def test_record_refuses_to_extend_a_damaged_last_event(base: Base, tmp_path: Pat
     for damaged in (
         _join([*base.lines, b"garbage"]),
         _join([*base.lines[:-1], base.lines[-1][:-3]]),
-        _join([*base.lines, b"not json"]) + b'{"v":1',  # and a torn tail after it
     ):
         (tmp_path / TRAIL_NAME).write_bytes(damaged)
         trail = FileAuditTrail(tmp_path, FakeClock(START), key_path=base.key_path)
@@ -586,3 +585,20 @@ def test_concurrent_first_use_of_a_fresh_directory(tmp_path: Path) -> None:
     for attempt in range(5):
         errors = _first_use_errors(tmp_path / str(attempt), 4)
         assert not errors, errors
+
+
+def test_a_repair_cut_short_by_a_second_crash_is_recorded_not_wedged(
+    base: Base, tmp_path: Path
+) -> None:
+    """Crash, then a crash while the next append repairs it: both fragments are recorded by
+    audit.torn_line events in order, the chain continues, and the trail verifies."""
+    torn = _join(base.lines) + b'{"v":1,"seq":13'  # first crash
+    cut_repair = torn + b'\n{"v":1,"act'  # the repair's own write, cut short
+    (tmp_path / TRAIL_NAME).write_bytes(cut_repair)
+    trail = FileAuditTrail(tmp_path, FakeClock(START), key_path=base.key_path)
+    event = trail.record("backup.completed")
+    report = verify_trail((tmp_path / TRAIL_NAME).read_bytes(), base.public)
+    assert report.ok, report.problems
+    assert report.torn_tail is None
+    assert report.head is not None
+    assert report.head.seq == event.seq == len(base.lines) + 3
