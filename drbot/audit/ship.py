@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import fcntl
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,6 +31,8 @@ from drbot.clock import Clock
 from drbot.errors import DrbotError, IntegrityFailure
 from drbot.storage import layout
 from drbot.storage.base import Storage
+
+SHIP_LOCK_NAME = "ship.lock"
 
 
 def trail_id(public: Ed25519PublicKey) -> str:
@@ -82,6 +87,27 @@ def ship_trail(
     A destination that fails, or already holds more or other bytes than the local trail (the
     local one was cut or replaced), is reported in `failed` and left untouched.
     """
+    with _ship_lock(directory):
+        return _ship(directory, storages, key, clock)
+
+
+@contextmanager
+def _ship_lock(directory: Path) -> Iterator[None]:
+    """One shipment at a time per trail: two would both add a segment from the same offset."""
+    try:
+        fd = os.open(directory / SHIP_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise DrbotError(f"cannot lock {directory} for shipping: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _ship(
+    directory: Path, storages: Sequence[Storage], key: Ed25519PrivateKey, clock: Clock
+) -> ShipResult:
     data = (directory / TRAIL_NAME).read_bytes()
     whole = data[: data.rfind(b"\n") + 1]
     public = key.public_key()
@@ -146,11 +172,20 @@ def _ship_one(storage: Storage, tid: str, whole: bytes, anchor: Anchor) -> int:
 def fetch_shipped(storage: Storage, public: Ed25519PublicKey) -> tuple[bytes, list[Anchor]]:
     """The trail as shipped to `storage` (segments joined) and its anchors, unverified.
 
-    Raises IntegrityFailure if the segments do not join up (one is missing or overlaps).
+    Anchors are read first, so a shipment landing meanwhile can only add bytes past them,
+    never an anchor past the bytes read. Raises IntegrityFailure if nothing was shipped there
+    or the segments do not join up (one is missing or overlaps).
     """
+    anchors = fetch_anchors(storage, public)
     tid = trail_id(public)
+    segments = _segments(storage, tid)
+    if not segments:
+        raise IntegrityFailure(
+            f"{storage.name}: holds no audit trail segments under {layout.audit_prefix(tid)}",
+            hint="run `drbot audit ship` first; if it ran, the segments were deleted",
+        )
     data = bytearray()
-    for start, end, key in _segments(storage, tid):
+    for start, end, key in segments:
         if start != len(data):
             raise IntegrityFailure(
                 f"{storage.name}:{key}: trail bytes {len(data)}..{start} are missing "
@@ -162,7 +197,7 @@ def fetch_shipped(storage: Storage, public: Ed25519PublicKey) -> tuple[bytes, li
                 f"{storage.name}:{key}: {len(chunk)} bytes, expected {end - start}"
             )
         data += chunk
-    return bytes(data), fetch_anchors(storage, public)
+    return bytes(data), anchors
 
 
 def fetch_anchors(storage: Storage, public: Ed25519PublicKey) -> list[Anchor]:
@@ -173,13 +208,21 @@ def fetch_anchors(storage: Storage, public: Ed25519PublicKey) -> list[Anchor]:
     tid = trail_id(public)
     anchors = []
     for info in storage.list(layout.audit_prefix(tid) + "anchors/"):
-        if not layout.is_audit_anchor_key(tid, info.key):
+        named = layout.parse_audit_anchor_key(tid, info.key)
+        if named is None:
             continue
         raw = b"".join(storage.open(info.key))
         try:
-            anchors.append(anchor_from_json(json.loads(raw)))
+            anchor = anchor_from_json(json.loads(raw))
         except (TypeError, ValueError, KeyError):
             raise IntegrityFailure(f"{storage.name}:{info.key}: not an anchor") from None
+        if (anchor.seq, anchor.trail) != (named, tid):
+            # An older anchor copied over a newer one would hide a later cut.
+            raise IntegrityFailure(
+                f"{storage.name}:{info.key}: holds the anchor of event {anchor.seq} of trail "
+                f"{anchor.trail}: anchors were moved"
+            )
+        anchors.append(anchor)
     return sorted(anchors, key=lambda a: a.seq)
 
 

@@ -125,7 +125,7 @@ def audit_anchor_key(trail_id: str, seq: int) -> str:
     return f"{audit_prefix(trail_id)}anchors/{seq:012d}.json"
 
 
-def is_audit_anchor_key(trail_id: str, key: str) -> bool:
-    return (
-        re.fullmatch(re.escape(audit_prefix(trail_id)) + r"anchors/\d{12}\.json", key) is not None
-    )
+def parse_audit_anchor_key(trail_id: str, key: str) -> int | None:
+    """The sequence number an anchor key names; None if `key` is not an anchor key."""
+    m = re.fullmatch(re.escape(audit_prefix(trail_id)) + r"anchors/(\d{12})\.json", key)
+    return int(m.group(1)) if m else None

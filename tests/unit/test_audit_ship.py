@@ -127,3 +127,25 @@ def test_a_broken_local_trail_is_not_spread(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes().replace(b'"n":1', b'"n":9'))
     with pytest.raises(IntegrityFailure, match="fails verification"):
         ship_trail(tmp_path, [MemoryStorage("primary")], key, FakeClock())
+
+
+def test_an_older_anchor_copied_over_a_newer_one_is_caught(tmp_path: Path) -> None:
+    """Overwriting the newest anchor with an older, validly signed one would hide a cut."""
+    trail = _trail(tmp_path, 3)
+    key = load_signing_key(trail.key_path)
+    store = MemoryStorage("primary")
+    ship_trail(tmp_path, [store], key, FakeClock())
+    trail.record("verify.completed", policy="shop")
+    ship_trail(tmp_path, [store], key, FakeClock())
+    tid = trail_id(key.public_key())
+    old, new = layout.audit_anchor_key(tid, 3), layout.audit_anchor_key(tid, 4)
+    store.objects[new] = store.objects[old]
+    with pytest.raises(IntegrityFailure, match="anchors were moved"):
+        fetch_shipped(store, key.public_key())
+
+
+def test_a_destination_without_the_trail_does_not_verify(tmp_path: Path) -> None:
+    trail = _trail(tmp_path, 1)
+    key = load_signing_key(trail.key_path)
+    with pytest.raises(IntegrityFailure, match="no audit trail segments"):
+        fetch_shipped(MemoryStorage("primary"), key.public_key())
