@@ -76,6 +76,10 @@ def build_evidence(
     for facts in policies:
         mine = [e for e in in_period if e.policy == facts.name]
         out["policies"][facts.name] = _policy_evidence(facts, mine, since, until)
+        out["policies"][facts.name]["facts"] = {
+            "full_schedule": facts.full_schedule,
+            "rto_s": None if facts.rto is None else facts.rto.total_seconds(),
+        }
     out["key_events"] = [_brief(e) for e in in_period if e.action.startswith("key.")]
     return out
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import asdict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -310,43 +311,42 @@ def export(
     settings = load_settings(policies_dir)
     path = _trail_file(policies_dir, trail)
     key = load_public_key(path.parent / PUBLIC_NAME)
-    data = path.read_bytes()
-    whole = data[: data.rfind(b"\n") + 1]
-    report = verify_trail(whole, key)
-    if not report.ok or report.head is None:
-        why = report.problems[0].message if report.problems else "the trail is empty"
-        raise IntegrityFailure(f"not exporting from {path}: {why}")
+    # Policies first (reading them may append policy events), then the anchors, then the
+    # trail: a shipment landing meanwhile can only add events past the anchors read.
     policies = [find_policy(settings, policy_name)] if policy_name else load_policies(settings)
     facts = [
         PolicyFacts(p.name, full_schedule=p.schedule.full, rto=p.targets.rto) for p in policies
     ]
-    events = [parse_line(raw) for raw in whole.split(b"\n") if raw and _is_event(raw)]
-    doc = build_evidence(events, since=_parse_day(since), until=_parse_day(until), policies=facts)
     anchors, unavailable = _anchors_of(policies, key)
+    data = path.read_bytes()
+    whole = data[: data.rfind(b"\n") + 1]
+    report = verify_trail(whole, key)
+    check_anchors(report, [a for _, a in anchors], key)
+    if not report.ok or report.head is None:
+        why = report.problems[0].message if report.problems else "the trail is empty"
+        raise IntegrityFailure(f"not exporting from {path}: {why}")
+    events = [parse_line(raw) for raw in whole.split(b"\n") if raw and _is_event(raw)]
+    period = (_parse_day(since), _parse_day(until))
+    doc = build_evidence(events, since=period[0], until=period[1], policies=facts)
     doc["chain"] = {
         "head": {"seq": report.head.seq, "hash": report.head.hash, "time": report.head.time},
         "public_key": public_key_text(key),
         "anchors": [{"destination": d, **asdict(a)} for d, a in anchors],
         "anchors_unavailable": unavailable,
-        "trail": whole.decode("utf-8", "backslashreplace").splitlines(),
+        # The exact bytes: an event's hash covers its bytes, which text round trips can alter.
+        "trail_base64": base64.b64encode(whole).decode(),
     }
-    check_anchors(report, [a for _, a in anchors], key)
-    if not report.ok:
-        raise IntegrityFailure(
-            f"not exporting: the trail disagrees with the anchors in storage: "
-            f"{report.problems[0].message}"
-        )
     names = {f.name for f in facts}
     if fmt == "json":
         out.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
     elif fmt == "csv":
-        period = [
+        rows = [
             e
             for e in events
             if e.policy in names or (e.policy is None and not policy_name)
-            if _parse_day(since) <= event_time(e) < _parse_day(until)
+            if period[0] <= event_time(e) < period[1]
         ]
-        out.write_text(to_csv(period))
+        out.write_text(to_csv(rows))
     else:
         rto = {f.name: f.rto.total_seconds() if f.rto else None for f in facts}
         out.write_text(to_html(doc, rto))
@@ -367,40 +367,64 @@ def _is_event(raw: bytes) -> bool:
 
 
 def _verify_export(path: Path, public_key: Path | None) -> tuple[TrailReport, str]:
-    """Verify the chain a JSON evidence export carries, and that it ends at the stated head."""
+    """Verify an evidence export: its chain, its anchors, that the chain ends at the stated
+    head, and that every verdict in it is what the chain's events give."""
     try:
         doc = json.loads(path.read_text())
         chain = doc["chain"]
-        data = ("\n".join(chain["trail"]) + "\n").encode("utf-8", "backslashreplace")
+        data = base64.b64decode(chain["trail_base64"], validate=True)
         embedded = Ed25519PublicKey.from_public_bytes(bytes.fromhex(chain["public_key"]))
-        head = chain["head"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"{path} is not a drbot evidence export ({exc})") from None
-    key = load_public_key(public_key) if public_key is not None else embedded
-    if public_key is None:
-        click.echo(
-            "Note: using the public key inside the export; pass --public-key with a copy "
-            "obtained independently to rule out a re-signed export.",
-            err=True,
-        )
-    report = verify_trail(data, key)
-    try:
+        head = (int(chain["head"]["seq"]), str(chain["head"]["hash"]))
         anchors = [
             anchor_from_json({k: v for k, v in a.items() if k != "destination"})
             for a in chain.get("anchors", [])
         ]
-    except (TypeError, ValueError, KeyError, AttributeError):
-        raise UsageError(f"{path}: the export's anchors are malformed") from None
-    check_anchors(report, anchors, key)
-    if report.head is None or (report.head.seq, report.head.hash) != (head["seq"], head["hash"]):
-        report.problems.append(
-            TrailProblem(
-                0,
-                head.get("seq"),
-                "head-mismatch",
-                "the export's chain does not end at the head it states",
+        period = (_parse_day(doc["period"]["since"]), _parse_day(doc["period"]["until"]))
+        facts = [
+            PolicyFacts(
+                name,
+                full_schedule=pol["facts"]["full_schedule"],
+                rto=None
+                if pol["facts"]["rto_s"] is None
+                else timedelta(seconds=pol["facts"]["rto_s"]),
             )
+            for name, pol in doc["policies"].items()
+        ]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UsageError(f"{path} is not a drbot evidence export ({exc!r})") from None
+    key = load_public_key(public_key) if public_key is not None else embedded
+    if public_key is None:
+        click.echo(
+            "Note: using the public key inside the export; pass --public-key with a copy "
+            "obtained independently to rule out a re-signed export. Anchors inside an export "
+            "can be removed by whoever edits it: `drbot audit verify --from DESTINATION` checks "
+            "against the ones in storage.",
+            err=True,
         )
+    report = verify_trail(data, key)
+    check_anchors(report, anchors, key)
+    if report.head is None or (report.head.seq, report.head.hash) != head:
+        report.problems.append(
+            TrailProblem(0, head[0], "head-mismatch", "the chain does not end at the stated head")
+        )
+    if report.ok:
+        events = [parse_line(raw) for raw in data.split(b"\n") if raw and _is_event(raw)]
+        again = build_evidence(events, since=period[0], until=period[1], policies=facts)
+        for name, pol in again["policies"].items():
+            if json.loads(json.dumps(pol)) != doc["policies"][name]:
+                report.problems.append(
+                    TrailProblem(
+                        0,
+                        None,
+                        "evidence-edited",
+                        f"the evidence for policy {name} is "
+                        "not what the chain's events give (verdicts or records edited)",
+                    )
+                )
+        if json.loads(json.dumps(again["key_events"])) != doc.get("key_events"):
+            report.problems.append(
+                TrailProblem(0, None, "evidence-edited", "key events differ from the chain")
+            )
     return report, f"{path} (export)"
 
 

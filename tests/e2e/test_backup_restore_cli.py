@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import signal
 import time
+from typing import Any
 
 import psycopg
 import pytest
@@ -330,19 +332,32 @@ def test_evidence_export_marks_controls_as_the_events_say(e2e: Env) -> None:
 
     assert {a["destination"] for a in doc["chain"]["anchors"]} == {"primary", "replica"}
 
+    def with_trail(lines: list[bytes]) -> dict[str, Any]:
+        changed: dict[str, Any] = json.loads(json.dumps(doc))
+        changed["chain"]["trail_base64"] = base64.b64encode(b"\n".join(lines) + b"\n").decode()
+        return changed
+
+    lines = base64.b64decode(doc["chain"]["trail_base64"]).rstrip(b"\n").split(b"\n")
     # Cutting the export's chain short, head included, still contradicts the anchors.
-    cut = json.loads(json.dumps(doc))
-    del cut["chain"]["trail"][-4:]
-    last = json.loads(cut["chain"]["trail"][-1])
+    cut = with_trail(lines[:-4])
+    last = json.loads(lines[-5])
     cut["chain"]["head"] = {"seq": last["seq"], "hash": last["hash"], "time": last["time"]}
     out.write_text(json.dumps(cut))
     res = e2e.run("audit", "verify", "--trail", str(out))
     assert res.returncode == 13, res.stdout + res.stderr
     assert "truncated" in res.stderr
 
-    lines = doc["chain"]["trail"]
-    edited = next(i for i, line in enumerate(lines) if '"outcome":"ok"' in line)
-    lines[edited] = lines[edited].replace('"outcome":"ok"', '"outcome":"failed"')
+    # A verdict changed by hand no longer matches what the chain's events give.
+    forged = json.loads(json.dumps(doc))
+    forged["policies"]["shop"]["controls"]["immutability"]["status"] = "met"
+    out.write_text(json.dumps(forged))
+    res = e2e.run("audit", "verify", "--trail", str(out))
+    assert res.returncode == 13, res.stdout + res.stderr
+    assert "evidence-edited" in res.stderr
+
+    edited = next(i for i, line in enumerate(lines) if b'"outcome":"ok"' in line)
+    lines[edited] = lines[edited].replace(b'"outcome":"ok"', b'"outcome":"failed"')
+    doc = with_trail(lines)
     out.write_text(json.dumps(doc))
     res = e2e.run("audit", "verify", "--trail", str(out))
     assert res.returncode == 13, res.stdout + res.stderr
