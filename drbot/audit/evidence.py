@@ -75,7 +75,13 @@ def build_evidence(
     }
     for facts in policies:
         mine = [e for e in in_period if e.policy == facts.name]
-        out["policies"][facts.name] = _policy_evidence(facts, mine, since, until)
+        # A backup completed in the period may have started just before it.
+        started = {
+            e.subject.get("backup_id"): e
+            for e in events
+            if e.policy == facts.name and e.action == "backup.started"
+        }
+        out["policies"][facts.name] = _policy_evidence(facts, mine, started, since, until)
         out["policies"][facts.name]["facts"] = {
             "full_schedule": facts.full_schedule,
             "rto_s": None if facts.rto is None else facts.rto.total_seconds(),
@@ -97,9 +103,12 @@ def _brief(event: AuditEvent) -> dict[str, Any]:
 
 
 def _policy_evidence(
-    facts: PolicyFacts, events: Sequence[AuditEvent], since: datetime, until: datetime
+    facts: PolicyFacts,
+    events: Sequence[AuditEvent],
+    started: dict[Any, AuditEvent],
+    since: datetime,
+    until: datetime,
 ) -> dict[str, Any]:
-    started = {e.subject.get("backup_id"): e for e in events if e.action == "backup.started"}
     completed = [
         e for e in events if e.action == "backup.completed" and e.outcome in ("ok", "partial")
     ]

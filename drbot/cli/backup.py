@@ -59,29 +59,34 @@ def command(policy_name: str, backup_type: str, policies_dir: Path | None, as_js
     trail = audit_trail(settings)
     backup_id = layout.new_backup_id(clock.now())
     subject = {"backup_id": backup_id}
-    with policy_lock(settings.state_dir, policy.name), progress_bar() as progress:
-        trail.record(
-            "backup.started",
-            policy=policy.name,
-            subject=subject,
-            details={
-                "type": backup_type,
-                "mode": policy.source.mode,
-                "destinations": {
-                    d.name: {
-                        "url": d.url,
-                        "region": d.region,
-                        "object_lock": None
-                        if d.object_lock is None
-                        else {"mode": d.object_lock.mode, "days": d.object_lock.days},
-                    }
-                    for d in policy.destinations
+    destinations = {
+        d.name: {
+            "url": d.url,
+            "region": d.region,
+            "object_lock": None
+            if d.object_lock is None
+            else {"mode": d.object_lock.mode, "days": d.object_lock.days},
+        }
+        for d in policy.destinations
+    }
+    started = False
+    try:
+        with policy_lock(settings.state_dir, policy.name), progress_bar() as progress:
+            # Inside the try: a key that cannot be read or a held lock is a failed backup too.
+            key_ids = {s.name: keys.key_id(s.region) for s in storages}
+            trail.record(
+                "backup.started",
+                policy=policy.name,
+                subject=subject,
+                details={
+                    "type": backup_type,
+                    "mode": policy.source.mode,
+                    "destinations": destinations,
+                    "key": keys.describe(),
+                    "key_ids": key_ids,
                 },
-                "key": keys.describe(),
-                "key_ids": {s.name: keys.key_id(s.region) for s in storages},
-            },
-        )
-        try:
+            )
+            started = True
             result = run_backup(
                 build.backup_settings(policy),
                 engine,
@@ -91,15 +96,15 @@ def command(policy_name: str, backup_type: str, policies_dir: Path | None, as_js
                 backup_id=backup_id,
                 progress=progress,
             )
-        except (DrbotError, KeyboardInterrupt) as exc:
-            trail.record(
-                "backup.failed",
-                policy=policy.name,
-                subject=subject,
-                outcome="failed",
-                details=failure_details(exc),
-            )
-            raise
+    except (DrbotError, KeyboardInterrupt) as exc:
+        trail.record(
+            "backup.failed",
+            policy=policy.name,
+            subject=subject,
+            outcome="failed",
+            details={**failure_details(exc), "started": started},
+        )
+        raise
     record_backup(trail, policy.name, result, backup_type)
     duration = (result.completed_at - result.started_at).total_seconds()
     if as_json:

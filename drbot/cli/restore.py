@@ -143,24 +143,36 @@ def command(
     if from_destination is not None and from_destination not in {s.name for s in storages}:
         names = ", ".join(s.name for s in storages)
         raise UsageError(f"policy {policy.name} has no destination {from_destination!r} ({names})")
-    scan = scan_catalog(policy.name, storages, build.build_keys(policy))
-    for dest, exc in scan.unreachable.items():
-        stderr.print(f"Warning: destination {dest} unreachable: {exc}")
-    engine = build.build_target_engine(policy, target_uri)
-    state = "empty" if engine.target_is_empty(target_uri) else "not-empty"
-    plan = plan_restore(
-        scan,
-        policy=policy.name,
-        target=redact_text(target_uri),
-        target_state=state,
-        backup_id=backup_id,
-        from_destination=from_destination,
-        database=database,
-        replace=replace,
-        with_globals=with_globals,
-        no_owner=no_owner,
-    )
     trail = audit_trail(settings)
+    try:
+        scan = scan_catalog(policy.name, storages, build.build_keys(policy))
+        for dest, exc in scan.unreachable.items():
+            stderr.print(f"Warning: destination {dest} unreachable: {exc}")
+        engine = build.build_target_engine(policy, target_uri)
+        state = "empty" if engine.target_is_empty(target_uri) else "not-empty"
+        plan = plan_restore(
+            scan,
+            policy=policy.name,
+            target=redact_text(target_uri),
+            target_state=state,
+            backup_id=backup_id,
+            from_destination=from_destination,
+            database=database,
+            replace=replace,
+            with_globals=with_globals,
+            no_owner=no_owner,
+        )
+    except (DrbotError, KeyboardInterrupt) as exc:
+        # A restore refused before it starts (no restore point, wrong key, target in use)
+        # is still something someone tried during an incident.
+        trail.record(
+            "restore.refused",
+            policy=policy.name,
+            subject={"backup_id": backup_id, "target": redact_text(target_uri)},
+            outcome="failed",
+            details=failure_details(exc),
+        )
+        raise
     record_restore_planned(trail, plan, dry_run=dry_run)
     if dry_run:
         if as_json:
