@@ -130,3 +130,15 @@ def parse_line(line: bytes) -> AuditEvent:
     if data["v"] != FORMAT_VERSION:
         raise EventFormatError(f"unsupported event format version {data['v']}")
     return AuditEvent(**data)
+
+
+def iter_events(data: bytes) -> list[AuditEvent]:
+    """Every line of `data` that is an event, in order (debris and torn lines skipped)."""
+    events = []
+    for raw in data.split(b"\n"):
+        if raw:
+            try:
+                events.append(parse_line(raw))
+            except EventFormatError:
+                continue
+    return events

@@ -14,7 +14,7 @@ and a verdict per control, each with the sequence numbers of the events that sho
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -180,38 +180,32 @@ def _controls(
             f"fired {expected} time(s) in the period",
             completed,
         )
-    keyed = [b for b in backups if b["key"]]
-    controls["encryption_in_force"] = _control(
-        MET if backups and len(keyed) == len(backups) else NOT_MET,
-        f"{len(keyed)} of {len(backups)} backup(s) record the key that encrypted them"
-        if backups
-        else "no backups in the period",
-        completed,
-    )
-    two_regions = [
-        b
-        for b in backups
-        if len({d["region"] for d in b["destinations"].values() if d["region"]}) >= 2
-    ]
-    controls["copies_in_two_regions"] = _control(
-        MET if backups and len(two_regions) == len(backups) else NOT_MET,
-        f"{len(two_regions)} of {len(backups)} backup(s) have verified copies in 2+ regions"
-        if backups
-        else "no backups in the period",
-        completed,
-    )
-    locked = [
-        b
-        for b in backups
-        if b["destinations"] and all(d["object_lock"] for d in b["destinations"].values())
-    ]
-    controls["immutability"] = _control(
-        MET if backups and len(locked) == len(backups) else NOT_MET,
-        f"{len(locked)} of {len(backups)} backup(s) stored only under object lock"
-        if backups
-        else "no backups in the period",
-        completed,
-    )
+    checks: dict[str, tuple[Callable[[dict[str, Any]], bool], str]] = {
+        "encryption_in_force": (
+            lambda b: bool(b["key"]),
+            "record the key that encrypted them",
+        ),
+        "copies_in_two_regions": (
+            lambda b: len({d["region"] for d in b["destinations"].values() if d["region"]}) >= 2,
+            "have verified copies in 2+ regions",
+        ),
+        "immutability": (
+            lambda b: (
+                bool(b["destinations"])
+                and all(d["object_lock"] for d in b["destinations"].values())
+            ),
+            "stored only under object lock",
+        ),
+    }
+    for name, (holds, says) in checks.items():
+        passing = [b for b in backups if holds(b)]
+        controls[name] = _control(
+            MET if backups and len(passing) == len(backups) else NOT_MET,
+            f"{len(passing)} of {len(backups)} backup(s) {says}"
+            if backups
+            else "no backups in the period",
+            completed,
+        )
     controls["restore_tested"] = _restore_control(facts, restores)
     return controls
 

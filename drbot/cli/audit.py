@@ -12,7 +12,7 @@ from typing import Any
 import click
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from drbot.audit.event import EventFormatError, parse_line
+from drbot.audit.event import EventFormatError, iter_events, parse_line
 from drbot.audit.evidence import PolicyFacts, build_evidence, event_time
 from drbot.audit.render import to_csv, to_html
 from drbot.audit.ship import (
@@ -325,7 +325,7 @@ def export(
     if not report.ok or report.head is None:
         why = report.problems[0].message if report.problems else "the trail is empty"
         raise IntegrityFailure(f"not exporting from {path}: {why}")
-    events = [parse_line(raw) for raw in whole.split(b"\n") if raw and _is_event(raw)]
+    events = iter_events(whole)
     period = (_parse_day(since), _parse_day(until))
     doc = build_evidence(events, since=period[0], until=period[1], policies=facts)
     doc["chain"] = {
@@ -356,14 +356,6 @@ def export(
         for name, pol in doc["policies"].items()
     ]
     click.echo(f"Wrote {fmt} evidence to {out} ({'; '.join(verdicts)}).")
-
-
-def _is_event(raw: bytes) -> bool:
-    try:
-        parse_line(raw)
-    except EventFormatError:
-        return False
-    return True
 
 
 def _verify_export(path: Path, public_key: Path | None) -> tuple[TrailReport, str]:
@@ -408,7 +400,7 @@ def _verify_export(path: Path, public_key: Path | None) -> tuple[TrailReport, st
             TrailProblem(0, head[0], "head-mismatch", "the chain does not end at the stated head")
         )
     if report.ok:
-        events = [parse_line(raw) for raw in data.split(b"\n") if raw and _is_event(raw)]
+        events = iter_events(data)
         again = build_evidence(events, since=period[0], until=period[1], policies=facts)
         for name, pol in again["policies"].items():
             if json.loads(json.dumps(pol)) != doc["policies"][name]:
