@@ -10,15 +10,19 @@ unwrap that data key, so only they can produce a manifest that authenticates. Se
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from drbot.engines.base import Fingerprint
@@ -89,7 +93,42 @@ def _canonical(body: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _body(m: Manifest) -> dict[str, Any]:
+def _fingerprint_key(data_key: bytes) -> bytes:
+    return HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=None, info=b"drbot manifest v1 fingerprints"
+    ).derive(data_key)
+
+
+def _seal_fingerprints(fingerprints: dict[str, Fingerprint], data_key: bytes) -> dict[str, str]:
+    """Table and column names are schema: encrypted like the data, not left readable."""
+    plain = _canonical({db: fp.to_json() for db, fp in sorted(fingerprints.items())})
+    nonce = os.urandom(12)
+    sealed = AESGCM(_fingerprint_key(data_key)).encrypt(nonce, plain, b"drbot fingerprints")
+    return {
+        "alg": "AES-256-GCM",
+        "nonce": base64.b64encode(nonce).decode(),
+        "ciphertext": base64.b64encode(sealed).decode(),
+    }
+
+
+def _open_fingerprints(
+    sealed: dict[str, Any], data_key: bytes, where: str
+) -> dict[str, Fingerprint]:
+    try:
+        plain = AESGCM(_fingerprint_key(data_key)).decrypt(
+            base64.b64decode(sealed["nonce"]),
+            base64.b64decode(sealed["ciphertext"]),
+            b"drbot fingerprints",
+        )
+        data = json.loads(plain)
+        return {db: Fingerprint.from_json(fp) for db, fp in data.items()}
+    except (InvalidTag, ValueError, KeyError, TypeError) as exc:
+        raise IntegrityFailure(
+            f"{where}: the manifest's fingerprints do not open ({exc!r})"
+        ) from None
+
+
+def _body(m: Manifest, data_key: bytes) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -121,7 +160,7 @@ def _body(m: Manifest) -> dict[str, Any]:
             }
             for a in m.artifacts
         ],
-        "fingerprints": {db: fp.to_json() for db, fp in sorted(m.fingerprints.items())},
+        "fingerprints_sealed": _seal_fingerprints(m.fingerprints, data_key),
         "drbot_version": m.drbot_version,
         "host": m.host,
     }
@@ -129,7 +168,7 @@ def _body(m: Manifest) -> dict[str, Any]:
 
 def encode_manifest(m: Manifest, data_key: bytes) -> bytes:
     """The manifest as stored: readable JSON with an HMAC over its canonical form."""
-    body = _body(m)
+    body = _body(m, data_key)
     mac = hmac.new(_mac_key(data_key), _canonical(body), hashlib.sha256).hexdigest()
     return (
         json.dumps({**body, "mac": {"alg": "HMAC-SHA256", "value": mac}}, indent=2) + "\n"
@@ -164,7 +203,7 @@ def _parse(body: dict[str, Any]) -> Manifest:
             )
             for a in body["artifacts"]
         ),
-        fingerprints={db: Fingerprint.from_json(fp) for db, fp in body["fingerprints"].items()},
+        fingerprints={},  # sealed: filled in by authenticate_manifest once the key is known
         drbot_version=str(body.get("drbot_version", "")),
         host=str(body.get("host", "")),
     )
@@ -207,4 +246,5 @@ def authenticate_manifest(
     expected = hmac.new(_mac_key(data_key), _canonical(body), hashlib.sha256).hexdigest()
     if not hmac.compare_digest(expected, mac):
         raise IntegrityFailure(f"{where}: manifest authentication failed (edited or corrupt)")
-    return manifest, data_key
+    fingerprints = _open_fingerprints(body["fingerprints_sealed"], data_key, where)
+    return dataclasses.replace(manifest, fingerprints=fingerprints), data_key

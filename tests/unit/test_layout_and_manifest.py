@@ -49,7 +49,7 @@ def test_manifest_round_trips_and_authenticates() -> None:
 @pytest.mark.parametrize(
     "edit",
     [
-        (b'"rows": 3', b'"rows": 4'),
+        (b'"nonce": "', b'"nonce": "A'),  # the sealed fingerprints
         (b'"level": 3', b'"level": 9'),
         (b"db/shop.pgdump", b"db/shop.pgdumq"),
     ],
@@ -59,6 +59,16 @@ def test_an_edited_manifest_fails_authentication(edit: tuple[bytes, bytes]) -> N
     raw = encode_manifest(_manifest(), KEY).replace(*edit)
     with pytest.raises(IntegrityFailure, match=r"primary:m\.json"):
         authenticate_manifest(raw, lambda w: KEY, where="primary:m.json")
+
+
+def test_fingerprints_are_sealed_in_the_stored_manifest() -> None:
+    """Table and column names are schema; they are stored encrypted, and open again."""
+    m = _manifest()
+    raw = encode_manifest(m, KEY)
+    for name in m.fingerprints["shop"].tables:
+        assert name.encode() not in raw
+    decoded, _ = authenticate_manifest(raw, lambda w: KEY, where="x")
+    assert decoded.fingerprints == m.fingerprints
 
 
 def test_a_manifest_under_another_data_key_fails() -> None:
