@@ -53,28 +53,27 @@ def verify_trail(data: bytes, public: Ed25519PublicKey) -> TrailReport:
     report = TrailReport()
     lines = data.split(b"\n")
     tail = lines.pop()  # after the last newline: empty, a torn line, or an event lacking "\n"
-    if tail and _seq_of(tail) is not None:
+    parsed = [_parse(raw) for raw in lines]
+    if tail and isinstance(last := _parse(tail), AuditEvent):
         lines.append(tail)
+        parsed.append(last)
         tail = b""
     # Where each sequence number occurs, to tell a reordering from a removal.
     lines_of: dict[int, list[int]] = {}
-    for number, raw in enumerate(lines, start=1):
-        seq = _seq_of(raw)
-        if seq is not None:
-            lines_of.setdefault(seq, []).append(number)
+    for number, item in enumerate(parsed, start=1):
+        if isinstance(item, AuditEvent):
+            lines_of.setdefault(item.seq, []).append(number)
     expected_seq = 1
     expected_prev = GENESIS
     offset = 0
     unexplained: list[tuple[int, int, bytes]] = []  # (line, offset, bytes) of bad lines
     last_error = ""
-    for number, raw in enumerate(lines, start=1):
+    for number, (raw, event) in enumerate(zip(lines, parsed, strict=True), start=1):
         line_offset = offset
         offset += len(raw) + 1
-        try:
-            event = parse_line(raw)
-        except EventFormatError as exc:
+        if isinstance(event, EventFormatError):
             unexplained.append((number, line_offset, raw))
-            last_error = str(exc)
+            last_error = str(event)
             continue
         if unexplained:
             # Crash debris is explained by audit.torn_line events that follow it, in order.
@@ -148,8 +147,8 @@ def _check(
         problem("chain-broken", "does not follow the event before it (inserted or reordered)")
 
 
-def _seq_of(raw: bytes) -> int | None:
+def _parse(raw: bytes) -> AuditEvent | EventFormatError:
     try:
-        return parse_line(raw).seq
-    except EventFormatError:
-        return None
+        return parse_line(raw)
+    except EventFormatError as exc:
+        return exc
