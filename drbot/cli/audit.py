@@ -58,8 +58,7 @@ def command() -> None:
     """Check and read the audit trail: every backup, verify and restore, signed and chained."""
 
 
-def _trail_file(policies_dir: Path | None, trail: Path | None) -> Path:
-    settings = load_settings(policies_dir)
+def _trail_file(settings: Settings, trail: Path | None) -> Path:
     path = trail or settings.audit_directory / TRAIL_NAME
     if path.is_dir():
         path = path / TRAIL_NAME
@@ -116,7 +115,7 @@ def verify(
     if from_destination is None and trail is not None and trail.suffix == ".json":
         report, where = _verify_export(trail, public_key)
     elif from_destination is None:
-        path = _trail_file(policies_dir, trail)
+        path = _trail_file(load_settings(policies_dir), trail)
         key = load_public_key(public_key or path.parent / PUBLIC_NAME)
         report = verify_trail(path.read_bytes(), key)
         where = str(path)
@@ -183,7 +182,7 @@ def show(
       drbot audit show --last 50
       drbot audit show --policy shop --json
     """
-    path = _trail_file(policies_dir, trail)
+    path = _trail_file(load_settings(policies_dir), trail)
     events = []
     for raw in path.read_bytes().split(b"\n"):
         try:
@@ -215,10 +214,10 @@ def _destination(settings: Settings, name: str, policy_name: str | None) -> Stor
     )
 
 
-def _all_destinations(settings: Settings) -> list[Storage]:
-    """Every destination of every policy, once per URL."""
+def _unique_destinations(policies: list[Any]) -> list[Storage]:
+    """Every destination of `policies`, once per URL (policies may share a bucket)."""
     seen: dict[str, Storage] = {}
-    for policy in load_policies(settings):
+    for policy in policies:
         for storage in build.build_storages(policy):
             seen.setdefault(storage.url, storage)
     return list(seen.values())
@@ -242,7 +241,9 @@ def ship(policies_dir: Path | None, as_json: bool) -> None:
     trail = audit_trail(settings)
     trail.record("audit.shipping", outcome="info")  # makes sure the trail and key exist
     key = load_signing_key(trail.key_path, create=False)
-    result = ship_trail(trail.directory, _all_destinations(settings), key, SystemClock())
+    result = ship_trail(
+        trail.directory, _unique_destinations(load_policies(settings)), key, SystemClock()
+    )
     if as_json:
         print_json(
             {
@@ -309,7 +310,7 @@ def export(
       drbot audit export --since 2026-10-01 --until 2026-11-01 --policy shop --out shop.json
     """
     settings = load_settings(policies_dir)
-    path = _trail_file(policies_dir, trail)
+    path = _trail_file(settings, trail)
     key = load_public_key(path.parent / PUBLIC_NAME)
     # Policies first (reading them may append policy events), then the anchors, then the
     # trail: a shipment landing meanwhile can only add events past the anchors read.
@@ -426,14 +427,9 @@ def _anchors_of(
     """Every anchor in the policies' destinations (once per URL); unreachable ones named."""
     found: list[tuple[str, Anchor]] = []
     unavailable: dict[str, str] = {}
-    seen: set[str] = set()
-    for policy in policies:
-        for storage in build.build_storages(policy):
-            if storage.url in seen:
-                continue
-            seen.add(storage.url)
-            try:
-                found += [(storage.name, a) for a in fetch_anchors(storage, key)]
-            except DrbotError as exc:
-                unavailable[storage.name] = exc.message
+    for storage in _unique_destinations(policies):
+        try:
+            found += [(storage.name, a) for a in fetch_anchors(storage, key)]
+        except DrbotError as exc:
+            unavailable[storage.name] = exc.message
     return found, unavailable
