@@ -9,7 +9,6 @@ import click
 from drbot.cli import build
 from drbot.cli.common import (
     audit_trail,
-    failure_details,
     find_policy,
     human_bytes,
     json_option,
@@ -17,9 +16,10 @@ from drbot.cli.common import (
     policies_option,
     print_json,
     progress_bar,
+    recording_failure,
 )
 from drbot.clock import SystemClock
-from drbot.errors import DrbotError, PartialFailure
+from drbot.errors import PartialFailure
 from drbot.ops.audit_events import record_backup
 from drbot.ops.backup import run_backup
 from drbot.ops.lock import policy_lock
@@ -70,41 +70,41 @@ def command(policy_name: str, backup_type: str, policies_dir: Path | None, as_js
         for d in policy.destinations
     }
     started = False
-    try:
-        with policy_lock(settings.state_dir, policy.name), progress_bar() as progress:
-            # Inside the try: a key that cannot be read or a held lock is a failed backup too.
-            key_ids = {s.name: keys.key_id(s.region) for s in storages}
-            trail.record(
-                "backup.started",
-                policy=policy.name,
-                subject=subject,
-                details={
-                    "type": backup_type,
-                    "mode": policy.source.mode,
-                    "destinations": destinations,
-                    "key": keys.describe(),
-                    "key_ids": key_ids,
-                },
-            )
-            started = True
-            result = run_backup(
-                build.backup_settings(policy),
-                engine,
-                storages,
-                keys,
-                clock,
-                backup_id=backup_id,
-                progress=progress,
-            )
-    except (DrbotError, KeyboardInterrupt) as exc:
-        trail.record(
+    with (
+        recording_failure(
+            trail,
             "backup.failed",
             policy=policy.name,
             subject=subject,
-            outcome="failed",
-            details={**failure_details(exc), "started": started},
+            extra=lambda: {"started": started},
+        ),
+        policy_lock(settings.state_dir, policy.name),
+        progress_bar() as progress,
+    ):
+        # In here: a key that cannot be read or a held lock is a failed backup too.
+        key_ids = {s.name: keys.key_id(s.region) for s in storages}
+        trail.record(
+            "backup.started",
+            policy=policy.name,
+            subject=subject,
+            details={
+                "type": backup_type,
+                "mode": policy.source.mode,
+                "destinations": destinations,
+                "key": keys.describe(),
+                "key_ids": key_ids,
+            },
         )
-        raise
+        started = True
+        result = run_backup(
+            build.backup_settings(policy),
+            engine,
+            storages,
+            keys,
+            clock,
+            backup_id=backup_id,
+            progress=progress,
+        )
     record_backup(trail, policy.name, result, backup_type)
     duration = (result.completed_at - result.started_at).total_seconds()
     if as_json:

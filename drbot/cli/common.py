@@ -24,7 +24,7 @@ from rich.progress import (
 )
 
 from drbot import log as drbot_log
-from drbot.audit.trail import FileAuditTrail
+from drbot.audit.trail import AuditSink, FileAuditTrail
 from drbot.clock import SystemClock
 from drbot.errors import DrbotError, Interrupted, PolicyInvalid, UsageError
 from drbot.settings import Settings
@@ -175,3 +175,22 @@ def failure_details(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, KeyboardInterrupt):
         return {"error": "interrupted", "exit_code": Interrupted.exit_code}
     return {"error": drbot_log.redact_text(f"{exc.__class__.__name__}: {exc}"), "exit_code": 1}
+
+
+@contextmanager
+def recording_failure(
+    trail: AuditSink,
+    action: str,
+    *,
+    policy: str | None,
+    subject: dict[str, Any],
+    extra: Callable[[], dict[str, Any]] | None = None,
+) -> Iterator[None]:
+    """Record `action` (outcome failed, error and exit code, plus `extra()` read at failure
+    time) if the block fails with a drbot error or is interrupted, then let it propagate."""
+    try:
+        yield
+    except (DrbotError, KeyboardInterrupt) as exc:
+        details = {**failure_details(exc), **(extra() if extra is not None else {})}
+        trail.record(action, policy=policy, subject=subject, outcome="failed", details=details)
+        raise

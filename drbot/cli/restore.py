@@ -12,7 +12,6 @@ from drbot.cli import build
 from drbot.cli.common import (
     audit_trail,
     confirm,
-    failure_details,
     find_policy,
     human_bytes,
     json_option,
@@ -20,10 +19,11 @@ from drbot.cli.common import (
     policies_option,
     print_json,
     progress_bar,
+    recording_failure,
     stderr,
 )
 from drbot.clock import SystemClock
-from drbot.errors import DrbotError, IntegrityFailure, UsageError
+from drbot.errors import IntegrityFailure, UsageError
 from drbot.log import redact_text
 from drbot.ops.audit_events import (
     record_restore_completed,
@@ -144,7 +144,14 @@ def command(
         names = ", ".join(s.name for s in storages)
         raise UsageError(f"policy {policy.name} has no destination {from_destination!r} ({names})")
     trail = audit_trail(settings)
-    try:
+    # A restore refused before it starts (no restore point, wrong key, target in use) is
+    # still something someone tried during an incident.
+    with recording_failure(
+        trail,
+        "restore.refused",
+        policy=policy.name,
+        subject={"backup_id": backup_id, "target": redact_text(target_uri)},
+    ):
         scan = scan_catalog(policy.name, storages, build.build_keys(policy))
         for dest, exc in scan.unreachable.items():
             stderr.print(f"Warning: destination {dest} unreachable: {exc}")
@@ -162,17 +169,6 @@ def command(
             with_globals=with_globals,
             no_owner=no_owner,
         )
-    except (DrbotError, KeyboardInterrupt) as exc:
-        # A restore refused before it starts (no restore point, wrong key, target in use)
-        # is still something someone tried during an incident.
-        trail.record(
-            "restore.refused",
-            policy=policy.name,
-            subject={"backup_id": backup_id, "target": redact_text(target_uri)},
-            outcome="failed",
-            details=failure_details(exc),
-        )
-        raise
     record_restore_planned(trail, plan, dry_run=dry_run)
     if dry_run:
         if as_json:
@@ -187,20 +183,13 @@ def command(
     storages_by_name = {s.name: s for s in storages}
     subject = restore_subject(plan)
     trail.record("restore.started", policy=plan.policy, subject=subject, outcome="info")
-    try:
-        with progress_bar() as progress:
-            result = execute_restore(
-                plan, scan, storages_by_name, engine, target_uri, SystemClock(), progress=progress
-            )
-    except (DrbotError, KeyboardInterrupt) as exc:
-        trail.record(
-            "restore.failed",
-            policy=plan.policy,
-            subject=subject,
-            outcome="failed",
-            details=failure_details(exc),
+    with (
+        recording_failure(trail, "restore.failed", policy=plan.policy, subject=subject),
+        progress_bar() as progress,
+    ):
+        result = execute_restore(
+            plan, scan, storages_by_name, engine, target_uri, SystemClock(), progress=progress
         )
-        raise
     record_restore_completed(trail, plan, result)
     _report(plan, result, as_json=as_json)
     if result.mismatches:

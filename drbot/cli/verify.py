@@ -9,7 +9,6 @@ import click
 from drbot.cli import build
 from drbot.cli.common import (
     audit_trail,
-    failure_details,
     find_policy,
     human_bytes,
     json_option,
@@ -17,8 +16,9 @@ from drbot.cli.common import (
     policies_option,
     print_json,
     progress_bar,
+    recording_failure,
 )
-from drbot.errors import DrbotError, IntegrityFailure, StorageUnavailable, UsageError
+from drbot.errors import IntegrityFailure, StorageUnavailable, UsageError
 from drbot.ops.audit_events import record_verify
 from drbot.ops.verify import run_verify
 
@@ -57,24 +57,22 @@ def command(
             names = ", ".join(d.name for d in policy.destinations)
             raise UsageError(f"policy {policy.name} has no destination {destination!r} ({names})")
     trail = audit_trail(settings)
-    try:
-        with progress_bar() as progress:
-            report = run_verify(
-                policy.name,
-                storages,
-                build.build_keys(policy),
-                backup_id=backup_id,
-                progress=lambda d, name, n: progress(f"{d}:{name}", n),
-            )
-    except (DrbotError, KeyboardInterrupt) as exc:
-        trail.record(
+    with (
+        recording_failure(
+            trail,
             "verify.failed",
             policy=policy.name,
             subject={"backup_id": backup_id} if backup_id else {},
-            outcome="failed",
-            details=failure_details(exc),
+        ),
+        progress_bar() as progress,
+    ):
+        report = run_verify(
+            policy.name,
+            storages,
+            build.build_keys(policy),
+            backup_id=backup_id,
+            progress=lambda d, name, n: progress(f"{d}:{name}", n),
         )
-        raise
     record_verify(trail, policy.name, report)
     if as_json:
         print_json(

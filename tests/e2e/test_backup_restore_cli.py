@@ -239,6 +239,15 @@ def test_every_action_lands_in_a_verifiable_audit_trail(e2e: Env) -> None:
     assert restored["outcome"] == "ok"
     assert "@" in restored["actor"]
 
+    res = e2e.run(
+        "restore", "--policy", "shop", "--to", target, "--backup", "20000101T000000Z-000000"
+    )
+    assert res.returncode == 10, res.stderr
+    refused = json.loads(e2e.run("audit", "show", "--json", "--last", "1").stdout)[0]
+    assert refused["action"] == "restore.refused"
+    assert refused["details"]["exit_code"] == 10
+    assert refused["subject"]["backup_id"] == "20000101T000000Z-000000"
+
     policy = e2e.tmp / "policies" / "shop.yaml"
     policy.write_text(policy.read_text() + "# reviewed\n")
     assert e2e.run("list", "--policy", "shop").returncode == 0
@@ -304,6 +313,7 @@ def test_evidence_export_marks_controls_as_the_events_say(e2e: Env) -> None:
     assert [c["action"] for c in shop["policy_changes"]] == ["policy.loaded"]
     assert [f["action"] for f in shop["failures"]] == ["backup.failed"]
     assert shop["failures"][0]["details"]["exit_code"] == 14
+    assert shop["failures"][0]["details"]["started"] is True  # the probe failed, after start
     status = {name: c["status"] for name, c in shop["controls"].items()}
     assert status == {
         "backups_on_schedule": "not applicable",  # the policy schedules nothing
