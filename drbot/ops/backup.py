@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import socket
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -84,11 +84,16 @@ class _Counted:
         self.total = 0
 
     def __iter__(self) -> Iterator[bytes]:
-        for chunk in self._chunks:
-            self.total += len(chunk)
-            if self._progress is not None:
-                self._progress(self._name, self.total)
-            yield chunk
+        try:
+            for chunk in self._chunks:
+                self.total += len(chunk)
+                if self._progress is not None:
+                    self._progress(self._name, self.total)
+                yield chunk
+        finally:
+            # Closing this closes the dump too (pg_dump is killed), not whenever it is freed.
+            if isinstance(self._chunks, Generator):
+                self._chunks.close()
 
 
 class _Run:
@@ -168,10 +173,8 @@ class _Run:
         except BaseException as exc:
             # Stop the dump now (not when the traceback is freed): it holds a snapshot and
             # locks on the source, and its thread would otherwise outlive this backup.
-            for stage in (stream, source):
-                close = getattr(stage, "close", None)
-                if close is not None:
-                    close()
+            stream.close()
+            source.close()
             for w in writers:
                 w.abort(exc)
             raise

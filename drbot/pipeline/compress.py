@@ -7,7 +7,7 @@ artifact is exactly one zstd frame with a content checksum, so any zstd tool can
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 
 import zstandard
 
@@ -23,7 +23,9 @@ MAX_LEVEL = 22
 _DECOMPRESS_SLICE = 1024
 
 
-def compress_chunks(chunks: Iterable[bytes], *, level: int, threads: int = -1) -> Iterator[bytes]:
+def compress_chunks(
+    chunks: Iterable[bytes], *, level: int, threads: int = -1
+) -> Generator[bytes, None, None]:
     """Compress `chunks` into one zstd frame (content checksum on), yielding output as produced.
 
     `level` is the zstd level (1..22); `threads` the number of zstd worker threads: -1 uses

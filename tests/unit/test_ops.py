@@ -10,6 +10,7 @@ import pytest
 
 from drbot.catalog import scan_catalog
 from drbot.clock import FakeClock
+from drbot.engines.base import DumpStream
 from drbot.errors import (
     DatabaseError,
     IntegrityFailure,
@@ -26,7 +27,7 @@ from drbot.ops.verify import run_verify
 from drbot.pipeline.filekey import FileKeyProvider, generate_key_file
 from drbot.storage import layout
 from drbot.storage.memory import MemoryStorage
-from tests.unit.fakes import FakeEngine
+from tests.unit.fakes import FakeDump, FakeEngine
 
 pytestmark = pytest.mark.unit
 
@@ -299,3 +300,41 @@ def test_a_manifest_that_fails_read_back_is_removed(keys: FileKeyProvider) -> No
     assert result.partial
     assert result.destinations_ok == ("replica",)
     assert layout.manifest_key("shop", result.backup_id) not in stores[0].objects
+
+
+class _TrackedDump(FakeDump):
+    """A dump that notes when its producer is closed (pg_dump would be killed then)."""
+
+    closed = False
+
+    def chunks(self) -> Iterator[bytes]:
+        try:
+            yield from super().chunks()
+        finally:
+            _TrackedDump.closed = True
+
+
+class _TrackedEngine(FakeEngine):
+    def full_dumps(self) -> list[DumpStream]:
+        dumps = super().full_dumps()
+        return [
+            _TrackedDump(d.name, d.kind, d.database, d.data, d.fail_after, d.fp)
+            if isinstance(d, FakeDump) and d.kind == "pg_dump"
+            else d
+            for d in dumps
+        ]
+
+
+def test_a_failed_backup_stops_its_dump_at_once(keys: FileKeyProvider) -> None:
+    """The dump holds a snapshot and locks on the source: it ends when the backup fails, not
+    whenever the exception's traceback is freed (pytest keeps it alive here)."""
+    stores = _stores()
+    for s in stores:
+        s.fail_puts_after = 10_000
+    _TrackedDump.closed = False
+    # Incompressible and large, so the destinations fail while the dump is still running.
+    data = os.urandom(48 << 20)
+    with pytest.raises(StorageUnavailable) as failure:
+        run_backup(SETTINGS, _TrackedEngine({"shop": data}), stores, keys, FakeClock())
+    assert failure.value is not None
+    assert _TrackedDump.closed
