@@ -118,6 +118,26 @@ class _Conn:
                 hint="check that the server is up, reachable from here, and accepts this user",
             ) from None
 
+    def maintenance(self) -> psycopg.Connection[tuple[object, ...]]:
+        """A connection to the same server's maintenance database (to create or drop ours)."""
+        try:
+            return self.connect("postgres")
+        except SourceUnavailable:
+            return self.connect("template1")
+
+    def exists(self) -> bool:
+        """Whether this URI's database exists on its server."""
+        with self.maintenance() as conn:
+            try:
+                row = conn.execute(
+                    "SELECT 1 FROM pg_database WHERE datname = %s", (self.dbname,)
+                ).fetchone()
+            except psycopg.Error as exc:
+                raise DatabaseError(
+                    f"cannot look up database {self.dbname} on {self.where()}: {_first_line(exc)}"
+                ) from None
+        return row is not None
+
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
@@ -382,28 +402,9 @@ class PostgresEngine:
 
     # -- target ---------------------------------------------------------------------
 
-    def _maintenance(self) -> psycopg.Connection[tuple[object, ...]]:
-        try:
-            return self._conn.connect("postgres")
-        except SourceUnavailable:
-            return self._conn.connect("template1")
-
-    def _exists(self, dbname: str) -> bool:
-        with self._maintenance() as conn:
-            try:
-                row = conn.execute(
-                    "SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)
-                ).fetchone()
-            except psycopg.Error as exc:
-                raise DatabaseError(
-                    f"cannot look up database {dbname} on {self._conn.where()}: {_first_line(exc)}"
-                ) from None
-        return row is not None
-
     def target_is_empty(self, target_uri: str) -> bool:
         target = _Conn(target_uri)
-        engine = PostgresEngine(target_uri, bin_dir=self._bin_dir)
-        if not engine._exists(target.dbname):
+        if not target.exists():
             return True
         with target.connect() as conn:
             try:
@@ -416,10 +417,9 @@ class PostgresEngine:
 
     def prepare_target(self, target_uri: str) -> bool:
         target = _Conn(target_uri)
-        engine = PostgresEngine(target_uri, bin_dir=self._bin_dir)
-        if engine._exists(target.dbname):
+        if target.exists():
             return False
-        with engine._maintenance() as conn:
+        with target.maintenance() as conn:
             try:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target.dbname)))
             except psycopg.Error as exc:
@@ -431,8 +431,7 @@ class PostgresEngine:
 
     def drop_target(self, target_uri: str) -> None:
         target = _Conn(target_uri)
-        engine = PostgresEngine(target_uri, bin_dir=self._bin_dir)
-        with engine._maintenance() as conn:
+        with target.maintenance() as conn:
             try:
                 conn.execute(
                     sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
