@@ -65,6 +65,8 @@ class Manifest:
     artifacts: tuple[ArtifactRecord, ...]
     fingerprints: dict[str, Fingerprint] = field(default_factory=dict)
     databases: tuple[str, ...] = ()
+    positions: dict[str, Any] = field(default_factory=dict)
+    """Physical backups: system_identifier, segment_size, timeline, start_lsn, stop_lsn..."""
     drbot_version: str = ""
     host: str = ""
 
@@ -161,6 +163,7 @@ def _body(m: Manifest, data_key: bytes) -> dict[str, Any]:
             for a in m.artifacts
         ],
         "fingerprints_sealed": _seal_fingerprints(m.fingerprints, data_key),
+        "positions": m.positions,
         "drbot_version": m.drbot_version,
         "host": m.host,
     }
@@ -203,6 +206,7 @@ def _parse(body: dict[str, Any]) -> Manifest:
             )
             for a in body["artifacts"]
         ),
+        positions=dict(body.get("positions") or {}),
         fingerprints={},  # sealed: filled in by authenticate_manifest once the key is known
         drbot_version=str(body.get("drbot_version", "")),
         host=str(body.get("host", "")),

@@ -41,7 +41,12 @@ def build_engine(policy: Any) -> Engine:
         )
     from drbot.engines.postgres.engine import PostgresEngine
 
-    return PostgresEngine(policy.source.uri, policy.source.databases, bin_dir=policy.source.bin_dir)
+    return PostgresEngine(
+        policy.source.uri,
+        policy.source.databases,
+        bin_dir=policy.source.bin_dir,
+        mode=policy.source.mode,
+    )
 
 
 def build_target_engine(policy: Any, target_uri: str) -> Engine:

@@ -42,6 +42,7 @@ version: 1
 name: demo
 source:
   kind: postgresql
+  mode: logical                 # pg_dump of the listed databases
   uri: ${{DRBOT_DEMO_DB_URI}}   # the demo's throwaway server; set by `drbot demo`
   databases: [shop]
 encryption:

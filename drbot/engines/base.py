@@ -95,13 +95,19 @@ class DumpStream(Protocol):
     """Artifact name, unique within a backup (e.g. 'globals.sql', 'db/shop.pgdump')."""
 
     kind: str
-    """What the bytes are: 'pg_globals' (SQL script) or 'pg_dump' (custom-format archive)."""
+    """What the bytes are: 'pg_globals' (SQL script), 'pg_dump' (custom-format archive) or
+    'pg_basebackup' (tar of the data directory)."""
 
     database: str | None
 
     def chunks(self) -> Iterator[bytes]: ...
 
     def fingerprint(self) -> Fingerprint | None: ...
+
+    def positions(self) -> dict[str, str | int] | None:
+        """Valid after `chunks()` is exhausted: where in the source's history this artifact
+        was taken (physical base backups: timeline, start/stop LSN...); None for dumps."""
+        ...
 
     def cancel(self) -> None:
         """Stop the dump tool now, from any thread (idempotent; a no-op once it has ended).

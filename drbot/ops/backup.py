@@ -15,6 +15,7 @@ import socket
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import structlog
 
@@ -68,6 +69,8 @@ class BackupResult:
     """Per destination holding a complete copy: what was stored there, verified by read-back."""
     manifest_sha256: dict[str, str] = field(default_factory=dict)
     """Per destination holding a complete copy: SHA-256 of the manifest object written there."""
+    positions: dict[str, Any] = field(default_factory=dict)
+    """Physical backups: timeline, start/stop LSN, system identifier (see the manifest)."""
 
     @property
     def partial(self) -> bool:
@@ -279,6 +282,7 @@ def run_backup(
     cleanup_incomplete(settings.policy, storages, keep=frozenset({backup_id}))
     run = _Run(settings, storages, keys, backup_id, progress)
     fingerprints: dict[str, Fingerprint] = {}
+    positions: dict[str, Any] = {}
     data_key, wrapped = run.wrap_keys()
     try:
         for dump in engine.full_dumps():
@@ -288,6 +292,7 @@ def run_backup(
             fp = dump.fingerprint()
             if fp is not None and dump.database is not None:
                 fingerprints[dump.database] = fp
+            positions.update(dump.positions() or {})
         run.verify_readback()
         completed_at = clock.now()
 
@@ -308,6 +313,7 @@ def run_backup(
                 encryption={"algorithm": "AES-256-GCM", "frame_size": settings.frame_size},
                 artifacts=tuple(run.records[storage.name]),
                 fingerprints=fingerprints,
+                positions=positions,
                 drbot_version=__version__,
                 host=socket.gethostname(),
             )
@@ -344,6 +350,7 @@ def run_backup(
         fingerprints=fingerprints,
         artifacts={d: tuple(run.records[d]) for d in ok},
         manifest_sha256={d: run.manifest_sha256[d] for d in ok if d in run.manifest_sha256},
+        positions=positions,
     )
     log.info(
         "backup.completed",

@@ -10,6 +10,7 @@ check on the raw text, and turns validation errors into `drbot.errors.PolicyInva
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
@@ -92,7 +93,21 @@ class Source(_Model):
         min_length=1,
         description="databases to back up; omit for all except templates",
     )
-    mode: Literal["logical"] = Field(default="logical", description="logical (dump) backups")
+    mode: Literal["physical", "logical"] | None = Field(
+        default=None,
+        description="postgresql: physical (base backup + WAL, the default; the whole cluster, "
+        "point-in-time restore) or logical (pg_dump of the listed databases); mongodb: logical",
+    )
+    slot: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,63}$")] | None = Field(
+        default=None,
+        description="physical: the replication slot drbot owns and streams WAL through "
+        "(default drbot_<policy name, '-' as '_'>)",
+    )
+    partial_interval: Duration = Field(
+        default=timedelta(seconds=10),
+        description="continuous incrementals: how often the unfinished WAL segment "
+        "(or change-stream slice) is shipped; bounds the RPO",
+    )
     bin_dir: Path | None = Field(
         default=None, description="absolute directory of the client tools (pg_dump, ...)"
     )
@@ -103,6 +118,25 @@ class Source(_Model):
         if value is not None and not value.is_absolute():
             raise ValueError("must be an absolute directory path")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_mode(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("mode") is None:
+            return {**data, "mode": "logical" if data.get("kind") == "mongodb" else "physical"}
+        return data
+
+    @model_validator(mode="after")
+    def _mode_fits(self) -> Self:
+        if self.kind == "mongodb" and self.mode == "physical":
+            raise SubfieldError("mongodb sources are backed up logically only", ("mode",))
+        if self.kind == "postgresql" and self.mode == "physical" and self.databases is not None:
+            raise SubfieldError(
+                "a physical backup copies the whole cluster, so source.databases does not "
+                "apply; remove it, or set source.mode: logical",
+                ("databases",),
+            )
+        return self
 
     @model_validator(mode="after")
     def _uri_matches_kind(self) -> Self:
@@ -367,6 +401,11 @@ class Policy(_Model):
         """SHA-256 (hex) of the file's bytes as read, for the audit trail."""
         return self._source_sha256
 
+    @property
+    def wal_slot(self) -> str:
+        """The physical replication slot drbot owns for this policy's WAL."""
+        return self.source.slot or "drbot_" + self.name.replace("-", "_")[:57]
+
     def destination(self, name: str) -> Destination:
         """The destination called `name`; KeyError if there is none."""
         for dest in self.destinations:
@@ -394,6 +433,16 @@ class Policy(_Model):
                 f"unknown destination {self.drill.from_!r}; use 'rotate' or one of: "
                 + ", ".join(names),
                 ("drill", "from"),
+            )
+        if (
+            self.source.kind == "postgresql"
+            and self.source.mode == "logical"
+            and self.schedule.incremental is not None
+        ):
+            raise SubfieldError(
+                "PostgreSQL incrementals are WAL, which only a physical backup can replay; "
+                "remove schedule.incremental or set source.mode: physical",
+                ("schedule", "incremental"),
             )
         if self.source.kind != "postgresql" and self.drill.checks:
             raise SubfieldError(

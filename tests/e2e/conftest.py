@@ -22,6 +22,7 @@ version: 1
 name: shop
 source:
   kind: postgresql
+  mode: logical
   uri: ${{SHOP_DB_URI}}
   databases: [{database}]
 encryption:

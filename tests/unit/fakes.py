@@ -28,6 +28,9 @@ class FakeDump:
     def fingerprint(self) -> Fingerprint | None:
         return self.fp
 
+    def positions(self) -> dict[str, str | int] | None:
+        return None
+
     def cancel(self) -> None:
         pass
 

@@ -67,8 +67,10 @@ def test_shop_example_means_what_its_comments_say() -> None:
     assert policy.name == "shop"
     assert policy.source.kind == "postgresql"
     assert policy.source.uri == ENV["SHOP_DB_URI"]
-    assert policy.source.databases == ["shop"]
-    assert policy.source.mode == "logical"
+    assert policy.source.databases is None
+    assert policy.source.mode == "physical"  # the default: base backups + WAL
+    assert policy.wal_slot == "drbot_shop"
+    assert policy.source.partial_interval.total_seconds() == 10
     assert policy.schedule.full == "0 2 * * *"
     assert policy.schedule.incremental == "continuous"
     assert policy.schedule.drill == "0 6 * * 1"

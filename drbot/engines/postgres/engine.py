@@ -24,7 +24,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from drbot.engines.base import DumpStream, Engine, Fingerprint, SourceInfo, TableFingerprint
 from drbot.engines.postgres.archive import ArchiveFingerprinter, LineSummer
+from drbot.engines.postgres.basebackup import TarScanner
 from drbot.engines.postgres.localserver import find_bin_dir
+from drbot.engines.postgres.replication import ReplicationConnection
 from drbot.errors import DatabaseError, SourceUnavailable
 from drbot.log import redact_text
 
@@ -117,6 +119,9 @@ class _Conn:
                 f"cannot connect to PostgreSQL at {self.where(dbname)}: {_first_line(exc)}",
                 hint="check that the server is up, reachable from here, and accepts this user",
             ) from None
+
+    def replication(self) -> ReplicationConnection:
+        return ReplicationConnection(self.conninfo(), password=self.password, where=self.where())
 
     def maintenance(self) -> psycopg.Connection[tuple[object, ...]]:
         """A connection to the same server's maintenance database (to create or drop ours)."""
@@ -226,7 +231,7 @@ class _ProgramDump:
         argv: list[str],
         env: dict[str, str],
         where: str,
-        fingerprint: bool,
+        observer: ArchiveFingerprinter | TarScanner | None,
     ) -> None:
         self.name = name
         self.kind = kind
@@ -234,7 +239,7 @@ class _ProgramDump:
         self._argv = argv
         self._env = env
         self._where = where
-        self._fingerprinter = ArchiveFingerprinter(name) if fingerprint else None
+        self._observer = observer
         self._used = False
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -255,8 +260,8 @@ class _ProgramDump:
                 data = os.read(proc.stdout.fileno(), READ_BYTES)
                 if not data:
                     break
-                if self._fingerprinter is not None:
-                    self._fingerprinter.feed(data)
+                if self._observer is not None:
+                    self._observer.feed(data)
                 yield data
             rc = proc.wait()
             finished = True
@@ -269,7 +274,14 @@ class _ProgramDump:
             raise _tool_error(tool, self._where, rc, stderr)
 
     def fingerprint(self) -> Fingerprint | None:
-        return self._fingerprinter.result() if self._fingerprinter is not None else None
+        if isinstance(self._observer, ArchiveFingerprinter):
+            return self._observer.result()
+        return None
+
+    def positions(self) -> dict[str, str | int] | None:
+        if isinstance(self._observer, TarScanner):
+            return self._observer.info(self._where).to_json()
+        return None
 
     def cancel(self) -> None:
         proc = self._proc
@@ -318,6 +330,9 @@ class _GlobalsDump:
     def fingerprint(self) -> Fingerprint | None:
         return None
 
+    def positions(self) -> dict[str, str | int] | None:
+        return None
+
     def cancel(self) -> None:
         pass  # pg_dumpall --globals-only runs to completion in chunks(); nothing to stop later
 
@@ -326,11 +341,17 @@ class PostgresEngine:
     """Engine for PostgreSQL sources and restore targets, driving the PostgreSQL client programs."""
 
     def __init__(
-        self, uri: str, databases: Sequence[str] | None = None, *, bin_dir: Path | None = None
+        self,
+        uri: str,
+        databases: Sequence[str] | None = None,
+        *,
+        bin_dir: Path | None = None,
+        mode: str = "logical",
     ) -> None:
         self._conn = _Conn(uri)
         self._databases = list(databases) if databases else None
         self._bin_dir = bin_dir
+        self.mode = mode
 
     def _tool(self, name: str) -> str:
         return str(find_bin_dir(self._bin_dir, name) / name)
@@ -364,6 +385,8 @@ class PostgresEngine:
         return SourceInfo(server_version=version, databases=tuple(databases))
 
     def full_dumps(self) -> list[DumpStream]:
+        if self.mode == "physical":
+            return [self._base_backup()]
         databases = self.probe().databases
         env = self._conn.env()
         dumps: list[DumpStream] = [
@@ -395,10 +418,52 @@ class PostgresEngine:
                     ],
                     env=env,
                     where=self._conn.where(db),
-                    fingerprint=True,
+                    observer=ArchiveFingerprinter(f"db/{db}.pgdump"),
                 )
             )
         return dumps
+
+    def _base_backup(self) -> DumpStream:
+        """One tar stream of the whole cluster, with the WAL it needs and its backup_manifest."""
+        with self._conn.connect() as conn:
+            try:
+                spaces = conn.execute(
+                    "SELECT spcname FROM pg_tablespace "
+                    "WHERE spcname NOT IN ('pg_default', 'pg_global') ORDER BY 1"
+                ).fetchall()
+            except psycopg.Error as exc:
+                raise DatabaseError(
+                    f"probing {self._conn.where()} failed: {_first_line(exc)}"
+                ) from None
+        with self._conn.replication() as repl:
+            system = repl.identify_system()
+            segment_size = repl.segment_size()
+        if spaces:
+            raise DatabaseError(
+                f"{self._conn.where()} has tablespaces ({', '.join(str(r[0]) for r in spaces)}); "
+                "physical backups of clusters with tablespaces are not supported yet",
+                hint="move their tables to pg_default, or use source.mode: logical",
+            )
+        return _ProgramDump(
+            name="base.tar",
+            kind="pg_basebackup",
+            database=None,
+            argv=[
+                self._tool("pg_basebackup"),
+                "--pgdata=-",
+                "--format=tar",
+                "--wal-method=fetch",
+                "--checkpoint=fast",
+                "--manifest-checksums=SHA256",
+                "--label=drbot",
+                "--no-password",
+                "--dbname",
+                self._conn.conninfo(),
+            ],
+            env=self._conn.env(),
+            where=self._conn.where(),
+            observer=TarScanner(system.system_identifier, segment_size),
+        )
 
     # -- target ---------------------------------------------------------------------
 

@@ -1,0 +1,143 @@
+"""What a physical base backup holds: read from pg_basebackup's tar stream as it passes.
+
+pg_basebackup writes one ustar archive of the data directory to stdout (`-D - -Ft`), with the
+WAL the backup needs (`-X fetch`) and, last, PostgreSQL's own `backup_manifest`: every file with
+its size and SHA-256, and the WAL range (timeline, start and end LSN) a restore must replay.
+drbot keeps that manifest's facts in its own manifest, so it knows the backup's positions
+without unpacking anything, and `pg_verifybackup` can check every restored file against it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from drbot.engines.postgres.wal import format_lsn, parse_lsn
+from drbot.errors import DatabaseError
+
+_BLOCK = 512
+_KEEP = frozenset({"backup_label", "backup_manifest", "tablespace_map"})
+_KEEP_LIMIT = 256 * 1024 * 1024
+
+
+def _tar_number(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # base-256, used for sizes of 8 GiB and more
+        value = field[0] & 0x7F
+        for b in field[1:]:
+            value = (value << 8) | b
+        return value
+    text = field.rstrip(b"\0 ").strip()
+    return int(text, 8) if text else 0
+
+
+@dataclass(frozen=True)
+class BaseBackupInfo:
+    """The positions and the data fingerprint of one base backup."""
+
+    system_identifier: int
+    segment_size: int
+    timeline: int
+    start_lsn: int
+    stop_lsn: int
+    files: int
+    data_bytes: int
+    backup_manifest_sha256: str
+
+    def to_json(self) -> dict[str, str | int]:
+        return {
+            "system_identifier": str(self.system_identifier),
+            "segment_size": self.segment_size,
+            "timeline": self.timeline,
+            "start_lsn": format_lsn(self.start_lsn),
+            "stop_lsn": format_lsn(self.stop_lsn),
+            "files": self.files,
+            "data_bytes": self.data_bytes,
+            "backup_manifest_sha256": self.backup_manifest_sha256,
+        }
+
+
+class TarScanner:
+    """Follows a tar stream chunk by chunk, keeping the few small files drbot reads."""
+
+    def __init__(self, system_identifier: int = 0, segment_size: int = 0) -> None:
+        self.system_identifier = system_identifier
+        self.segment_size = segment_size
+        self._buf = bytearray()
+        self._skip = 0  # content bytes (with padding) of the current member still to pass
+        self._keep_name: str | None = None
+        self._keep_size = 0
+        self._kept = bytearray()
+        self.files: dict[str, bytes] = {}
+        self.members = 0
+        self.data_bytes = 0
+        self.symlinks: list[str] = []
+        self.ended = False
+
+    def feed(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self._skip:
+                take = min(self._skip, len(view))
+                if self._keep_name is not None:
+                    room = self._keep_size - len(self._kept)
+                    self._kept += view[: min(take, max(room, 0))]
+                self._skip -= take
+                view = view[take:]
+                if not self._skip and self._keep_name is not None:
+                    self.files[self._keep_name] = bytes(self._kept)
+                    self._keep_name = None
+                continue
+            need = _BLOCK - len(self._buf)
+            self._buf += view[:need]
+            view = view[need:]
+            if len(self._buf) == _BLOCK:
+                self._header(bytes(self._buf))
+                self._buf.clear()
+
+    def _header(self, block: bytes) -> None:
+        if self.ended or block == bytes(_BLOCK):
+            self.ended = True
+            return
+        name = block[:100].split(b"\0", 1)[0]
+        prefix = block[345:500].split(b"\0", 1)[0]
+        full = (prefix + b"/" + name if prefix else name).decode(errors="replace")
+        size = _tar_number(block[124:136])
+        kind = block[156:157]
+        self.members += 1
+        if kind == b"2":
+            self.symlinks.append(full)
+        if kind in (b"0", b"\0"):
+            self.data_bytes += size
+        self._skip = -(-size // _BLOCK) * _BLOCK
+        if full in _KEEP and size <= _KEEP_LIMIT:
+            self._keep_name, self._keep_size = full, size
+            self._kept = bytearray()
+            if size == 0:
+                self.files[full] = b""
+                self._keep_name = None
+
+    def info(self, where: str) -> BaseBackupInfo:
+        """The backup's facts; `DatabaseError` if the stream lacked what every base backup has."""
+        manifest = self.files.get("backup_manifest")
+        if manifest is None or not self.ended:
+            raise DatabaseError(
+                f"{where}: the base backup stream ended without its backup_manifest"
+            )
+        try:
+            doc = json.loads(manifest)
+            ranges = doc["WAL-Ranges"]
+            last = ranges[-1]
+            info = BaseBackupInfo(
+                system_identifier=self.system_identifier,
+                segment_size=self.segment_size,
+                timeline=int(last["Timeline"]),
+                start_lsn=parse_lsn(str(ranges[0]["Start-LSN"])),
+                stop_lsn=parse_lsn(str(last["End-LSN"])),
+                files=len(doc.get("Files", [])),
+                data_bytes=self.data_bytes,
+                backup_manifest_sha256=hashlib.sha256(manifest).hexdigest(),
+            )
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise DatabaseError(f"{where}: unreadable backup_manifest ({exc!r})") from None
+        return info
