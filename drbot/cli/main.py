@@ -10,7 +10,7 @@ import click
 import structlog
 
 from drbot import __version__
-from drbot.cli import audit, backup, demo, keys, list_cmd, policy, restore, verify
+from drbot.cli import audit, backup, demo, keys, list_cmd, policy, restore, verify, wal
 from drbot.errors import DrbotError
 from drbot.log import redact_text
 
@@ -41,7 +41,7 @@ def cli() -> None:
     """
 
 
-for module in (backup, list_cmd, verify, restore, audit, keys, policy, demo):
+for module in (backup, list_cmd, verify, restore, wal, audit, keys, policy, demo):
     cli.add_command(module.command)
 
 

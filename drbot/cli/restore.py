@@ -86,9 +86,31 @@ def _result_json(result: RestoreResult) -> dict[str, Any]:
 @click.option(
     "--to",
     "target_uri",
-    required=True,
-    help="Target database URI, e.g. postgresql://user@host:5432/shop_restored "
+    default=None,
+    help="Logical backups: target database URI, e.g. postgresql://user@host:5432/shop_restored "
     "(put a password in PGPASSWORD or ~/.pgpass, not here).",
+)
+@click.option(
+    "--to-dir",
+    "target_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Physical backups: a new or empty directory to restore the cluster into.",
+)
+@click.option(
+    "--at", "at", default=None, help="--to-dir: restore to this time (ISO 8601 with zone)."
+)
+@click.option(
+    "--lsn", "lsn", default=None, help="--to-dir: restore to this WAL position (0/16B3748)."
+)
+@click.option("--latest", is_flag=True, help="--to-dir: replay all archived WAL [the default].")
+@click.option("--start", is_flag=True, help="--to-dir: start the server, recover, promote.")
+@click.option("--port", type=int, default=None, help="--start: port on 127.0.0.1 [default: free].")
+@click.option(
+    "--run-as",
+    default=None,
+    help="When drbot runs as root: the OS user the server runs as [default: owner of the "
+    "directory].",
 )
 @click.option("--backup", "backup_id", default=None, help="Backup id [default: the latest].")
 @click.option(
@@ -111,7 +133,14 @@ def _result_json(result: RestoreResult) -> dict[str, Any]:
 @json_option
 def command(
     policy_name: str,
-    target_uri: str,
+    target_uri: str | None,
+    target_dir: Path | None,
+    at: str | None,
+    lsn: str | None,
+    latest: bool,
+    start: bool,
+    port: int | None,
+    run_as: str | None,
     backup_id: str | None,
     from_destination: str | None,
     database: str | None,
@@ -133,12 +162,46 @@ def command(
     non-empty one is refused unless --replace.
 
     \b
+    Physical backups (source.mode: physical) restore the whole cluster into a directory, to
+    any moment the WAL covers: --to-dir PATH [--at TIME | --lsn LSN | --latest] [--start].
+    drbot picks the newest base backup before the target, unpacks and checks it (every file
+    against PostgreSQL's backup_manifest), writes the recovery settings, and with --start runs
+    recovery, promotes, and leaves the server running on 127.0.0.1:PORT.
+
+    \b
     Examples:
       drbot restore --policy shop --to postgresql://postgres@localhost/shop_check --dry-run
       drbot restore --policy shop --to postgresql://postgres@localhost/shop --from replica --yes
+      drbot restore --policy shop --to-dir /srv/pg/restored --at 2026-11-23T14:05:00Z --start
     """
     settings = load_settings(policies_dir)
     policy = find_policy(settings, policy_name)
+    if (target_uri is None) == (target_dir is None):
+        raise UsageError(
+            "give exactly one of --to URI (logical backups) and --to-dir PATH (physical)"
+        )
+    if target_dir is not None:
+        from drbot.cli.restore_dir import parse_target, restore_to_dir
+
+        if backup_id is not None or database is not None or replace or with_globals:
+            raise UsageError("--backup, --database, --replace and --with-globals go with --to")
+        restore_to_dir(
+            settings,
+            policy,
+            target_dir,
+            parse_target(at, lsn, latest),
+            from_destination=from_destination,
+            dry_run=dry_run,
+            yes=yes,
+            start=start,
+            port=port,
+            run_as=run_as,
+            as_json=as_json,
+        )
+        return
+    if at or lsn or latest or start or port or run_as:
+        raise UsageError("--at, --lsn, --latest, --start, --port and --run-as go with --to-dir")
+    assert target_uri is not None
     storages = build.build_storages(policy)
     if from_destination is not None and from_destination not in {s.name for s in storages}:
         names = ", ".join(s.name for s in storages)

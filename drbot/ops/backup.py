@@ -25,7 +25,7 @@ from drbot.engines.base import DumpStream, Engine, Fingerprint
 from drbot.errors import DrbotError, IntegrityFailure, StorageUnavailable
 from drbot.manifest import ArtifactRecord, Manifest, encode_manifest
 from drbot.ops.cleanup import cleanup_incomplete
-from drbot.ops.fanout import DestinationWriter, Sent
+from drbot.ops.fanout import DestinationWriter, Sent, new_data_key, read_back
 from drbot.pipeline.compress import compress_chunks
 from drbot.pipeline.keys import KeyProvider, WrappedKey
 from drbot.pipeline.prefetch import prefetch
@@ -134,19 +134,6 @@ class _Run:
                 error=why,
             )
 
-    def wrap_keys(self) -> tuple[bytes, dict[str, WrappedKey]]:
-        by_region: dict[str | None, WrappedKey] = {}
-        data_key = b""
-        for storage in self.storages:
-            if storage.region in by_region:
-                continue
-            if not data_key:
-                data_key, wrapped = self.keys.generate(storage.region)
-            else:
-                wrapped = self.keys.wrap(data_key, storage.region)
-            by_region[storage.region] = wrapped
-        return data_key, {s.name: by_region[s.region] for s in self.storages}
-
     def store_artifact(
         self, dump: DumpStream, data_key: bytes, wrapped: dict[str, WrappedKey]
     ) -> None:
@@ -213,21 +200,10 @@ class _Run:
         """Read every stored artifact back; a destination with any mismatch is failed."""
         for storage in self.live():
             for rec in self.records[storage.name]:
-                try:
-                    sha = hashlib.sha256()
-                    size = 0
-                    for chunk in storage.open(rec.key):
-                        sha.update(chunk)
-                        size += len(chunk)
-                except DrbotError as exc:
-                    self.fail(storage, f"read-back of {rec.key} failed: {exc}")
-                    break
-                if (size, sha.hexdigest()) != (rec.size_bytes, rec.sha256):
-                    self.fail(
-                        storage,
-                        f"read-back of {rec.key}: {size} bytes sha256 {sha.hexdigest()[:16]}, "
-                        f"expected {rec.size_bytes} bytes sha256 {rec.sha256[:16]}",
-                    )
+                sent = Sent(storage.name, rec.key, rec.size_bytes, rec.sha256)
+                problem = read_back(storage, sent)
+                if problem is not None:
+                    self.fail(storage, problem)
                     break
 
     def write_manifests(self, manifest_for: Callable[[Storage], Manifest], data_key: bytes) -> None:
@@ -283,7 +259,7 @@ def run_backup(
     run = _Run(settings, storages, keys, backup_id, progress)
     fingerprints: dict[str, Fingerprint] = {}
     positions: dict[str, Any] = {}
-    data_key, wrapped = run.wrap_keys()
+    data_key, wrapped = new_data_key(keys, storages)
     try:
         for dump in engine.full_dumps():
             if not run.live():

@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from drbot.errors import DrbotError, IntegrityFailure
+from drbot.pipeline.keys import KeyProvider, WrappedKey
 from drbot.storage.base import PutResult, Storage
 
 _END = object()
@@ -113,3 +114,38 @@ class DestinationWriter:
         if isinstance(self.error, DrbotError):
             return self.error.message
         return f"{self.error.__class__.__name__}: {self.error}"
+
+
+def new_data_key(
+    keys: KeyProvider, storages: Sequence[Storage]
+) -> tuple[bytes, dict[str, WrappedKey]]:
+    """A fresh data key and its wrapping for each destination (one wrap per region)."""
+    by_region: dict[str | None, WrappedKey] = {}
+    data_key = b""
+    for storage in storages:
+        if storage.region in by_region:
+            continue
+        if not data_key:
+            data_key, wrapped = keys.generate(storage.region)
+        else:
+            wrapped = keys.wrap(data_key, storage.region)
+        by_region[storage.region] = wrapped
+    return data_key, {s.name: by_region[s.region] for s in storages}
+
+
+def read_back(storage: Storage, sent: Sent) -> str | None:
+    """Read an object back; None if it matches what was sent, else what is wrong."""
+    try:
+        sha = hashlib.sha256()
+        size = 0
+        for chunk in storage.open(sent.key):
+            sha.update(chunk)
+            size += len(chunk)
+    except DrbotError as exc:
+        return f"read-back of {sent.key} failed: {exc}"
+    if (size, sha.hexdigest()) != (sent.size_bytes, sent.sha256):
+        return (
+            f"read-back of {sent.key}: {size} bytes sha256 {sha.hexdigest()[:16]}, "
+            f"expected {sent.size_bytes} bytes sha256 {sent.sha256[:16]}"
+        )
+    return None

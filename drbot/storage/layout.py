@@ -129,3 +129,50 @@ def parse_audit_anchor_key(trail_id: str, key: str) -> int | None:
     """The sequence number an anchor key names; None if `key` is not an anchor key."""
     m = re.fullmatch(re.escape(audit_prefix(trail_id)) + r"anchors/(\d{12})\.json", key)
     return int(m.group(1)) if m else None
+
+
+# -- WAL (continuous archiving) -------------------------------------------------------------
+#
+#   <policy>/wal/<TLI>/<segment>.zst.enc           a complete segment
+#   <policy>/wal/<TLI>/<segment>.partial.zst.enc   the unfinished segment, as far as it was shipped
+#   <policy>/wal/history/<TLI>.history.zst.enc     a timeline history file
+#
+# Segment and history names are PostgreSQL's own (24 / 8 upper-case hex digits), so a key's
+# name part is exactly the file name PostgreSQL asks `restore_command` for.
+
+_WAL_SEGMENT_RE = re.compile(r"^([0-9A-F]{8})/([0-9A-F]{24})(\.partial)?\.zst\.enc$")
+_WAL_HISTORY_RE = re.compile(r"^history/([0-9A-F]{8}\.history)\.zst\.enc$")
+
+
+def wal_prefix(policy: str) -> str:
+    return f"{policy}/wal/"
+
+
+def wal_segment_key(policy: str, segment_name: str, *, partial: bool = False) -> str:
+    suffix = ".partial" if partial else ""
+    return f"{wal_prefix(policy)}{segment_name[:8]}/{segment_name}{suffix}{ARTIFACT_SUFFIX}"
+
+
+def wal_history_key(policy: str, history_name: str) -> str:
+    return f"{wal_prefix(policy)}history/{history_name}{ARTIFACT_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class WalKey:
+    """What an object under a policy's WAL prefix is: a 'segment', 'partial' or 'history'."""
+
+    kind: str
+    name: str
+
+
+def parse_wal_key(policy: str, key: str) -> WalKey | None:
+    """Classify `key`; None if it is not one of drbot's WAL objects."""
+    prefix = wal_prefix(policy)
+    if not key.startswith(prefix):
+        return None
+    rest = key[len(prefix) :]
+    m = _WAL_SEGMENT_RE.match(rest)
+    if m and m.group(2).startswith(m.group(1)):
+        return WalKey("partial" if m.group(3) else "segment", m.group(2))
+    h = _WAL_HISTORY_RE.match(rest)
+    return WalKey("history", h.group(1)) if h else None

@@ -27,6 +27,7 @@ from drbot.engines.postgres.archive import ArchiveFingerprinter, LineSummer
 from drbot.engines.postgres.basebackup import TarScanner
 from drbot.engines.postgres.localserver import find_bin_dir
 from drbot.engines.postgres.replication import ReplicationConnection
+from drbot.engines.postgres.wal import parse_lsn
 from drbot.errors import DatabaseError, SourceUnavailable
 from drbot.log import redact_text
 
@@ -422,6 +423,45 @@ class PostgresEngine:
                 )
             )
         return dumps
+
+    # -- physical: replication slot and WAL -------------------------------------------
+
+    def replication(self) -> ReplicationConnection:
+        """A physical replication connection to the source."""
+        return self._conn.replication()
+
+    def ensure_slot(self, name: str) -> tuple[int | None, bool]:
+        """Make sure the physical replication slot `name` exists, reserving WAL from now.
+
+        Returns (its restart LSN, whether this call created it). `DatabaseError` if a slot of
+        that name exists but is not physical, or the user may not create slots.
+        """
+        with self._conn.connect() as conn:
+            try:
+                row = conn.execute(
+                    "SELECT slot_type, restart_lsn::text FROM pg_replication_slots "
+                    "WHERE slot_name = %s",
+                    (name,),
+                ).fetchone()
+                if row is not None:
+                    if row[0] != "physical":
+                        raise DatabaseError(
+                            f"replication slot {name} on {self._conn.where()} is a {row[0]} "
+                            "slot, not drbot's physical one",
+                            hint="choose another name with source.slot in the policy",
+                        )
+                    return (parse_lsn(str(row[1])) if row[1] else None), False
+                created = conn.execute(
+                    "SELECT lsn::text FROM pg_create_physical_replication_slot(%s, true)", (name,)
+                ).fetchone()
+            except psycopg.Error as exc:
+                raise DatabaseError(
+                    f"cannot set up replication slot {name} on {self._conn.where()}: "
+                    f"{_first_line(exc)}",
+                    hint="the user needs the REPLICATION attribute (or superuser)",
+                ) from None
+        log.warning("wal.slot_created", slot=name, where=self._conn.where())
+        return (parse_lsn(str(created[0])) if created and created[0] else None), True
 
     def _base_backup(self) -> DumpStream:
         """One tar stream of the whole cluster, with the WAL it needs and its backup_manifest."""

@@ -1,0 +1,193 @@
+"""WAL objects in the destinations: ship one (to every destination, verified), read one back,
+and take stock of what a policy's WAL archive holds.
+
+Every WAL object is a complete encrypted stream (docs/design.md) whose header carries its own
+wrapped data key, so each object opens on its own. The object's key names the segment; after
+decryption the segment's first page header is checked against that name and the cluster's
+system identifier (`wal.check_segment_bytes`), so a segment renamed or copied from elsewhere is
+an integrity failure, not silently replayed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import structlog
+
+from drbot.engines.postgres.wal import (
+    DEFAULT_SEGMENT_SIZE,
+    Segment,
+    Switch,
+    history_file_name,
+    parse_history,
+    parse_history_file_name,
+    parse_segment_name,
+)
+from drbot.errors import DrbotError, IntegrityFailure, StorageUnavailable
+from drbot.ops.fanout import DestinationWriter, new_data_key, read_back
+from drbot.pipeline.compress import compress_chunks, decompress_chunks
+from drbot.pipeline.keys import KeyProvider, WrappedKey
+from drbot.pipeline.stream import DEFAULT_FRAME_SIZE, StreamEncryptor, decrypt_chunks
+from drbot.storage import layout
+from drbot.storage.base import ObjectInfo, Storage
+
+log = structlog.get_logger(__name__)
+
+
+class WalShipper:
+    """Ships WAL objects of one policy. One data key per shipper (one wrap per region)."""
+
+    def __init__(
+        self,
+        policy: str,
+        storages: Sequence[Storage],
+        keys: KeyProvider,
+        *,
+        compression_level: int = 3,
+        compression_threads: int = 0,
+    ) -> None:
+        self.policy = policy
+        self.storages = list(storages)
+        self._keys = keys
+        self._level = compression_level
+        self._threads = compression_threads
+        self._key: tuple[bytes, dict[str, WrappedKey]] | None = None
+
+    def put(self, key: str, data: bytes, only: Sequence[str] | None = None) -> dict[str, str]:
+        """Store `data` under `key` in every destination (or those named in `only`), then read
+        each copy back. Returns the destinations that failed, with why (empty: all stored).
+
+        `KeyProblem` from the key provider propagates; storage failures are returned.
+        """
+        if self._key is None:
+            self._key = new_data_key(self._keys, self.storages)
+        data_key, wrapped = self._key
+        targets = [s for s in self.storages if only is None or s.name in only]
+        enc = StreamEncryptor(data_key, frame_size=DEFAULT_FRAME_SIZE)
+        writers = [DestinationWriter(s, key, enc.header(wrapped[s.name])) for s in targets]
+        for compressed in compress_chunks([data], level=self._level, threads=self._threads):
+            for frame in enc.update(compressed):
+                for w in writers:
+                    w.send(frame)
+        last = enc.finish()
+        failed: dict[str, str] = {}
+        for w in writers:
+            w.send(last)
+        for w in writers:
+            sent = w.finish()
+            problem = w.describe_error() if sent is None else read_back(w.storage, sent)
+            if problem:
+                failed[w.storage.name] = problem
+        return failed
+
+
+class KeyCache:
+    """Unwraps data keys once per (region, wrapped key): WAL objects share a streamer's key."""
+
+    def __init__(self, keys: KeyProvider) -> None:
+        self._keys = keys
+        self._cache: dict[tuple[str | None, WrappedKey], bytes] = {}
+
+    def unwrap(self, wrapped: WrappedKey, region: str | None) -> bytes:
+        found = self._cache.get((region, wrapped))
+        if found is None:
+            found = self._keys.unwrap(wrapped, region)
+            self._cache[(region, wrapped)] = found
+        return found
+
+
+def read_wal_object(storage: Storage, key: str, keys: KeyCache) -> bytes:
+    """The plaintext of one WAL object (at most a segment), authenticated and decompressed.
+
+    `ObjectNotFound` if absent, `StorageUnavailable` if unreachable, `KeyProblem` if the policy
+    key does not open it, `IntegrityFailure` (naming destination and key) if it is damaged.
+    """
+    where = f"{storage.name}:{key}"
+    try:
+        return b"".join(
+            decompress_chunks(
+                decrypt_chunks(storage.open(key), lambda w: keys.unwrap(w, storage.region))
+            )
+        )
+    except IntegrityFailure as exc:
+        raise IntegrityFailure(f"{where}: {exc.message}", hint=exc.hint) from exc
+
+
+@dataclass
+class WalInventory:
+    """What one destination's WAL archive holds (from a listing; nothing is opened)."""
+
+    destination: str
+    segments: dict[Segment, ObjectInfo] = field(default_factory=dict)
+    partials: dict[Segment, ObjectInfo] = field(default_factory=dict)
+    histories: dict[int, ObjectInfo] = field(default_factory=dict)
+
+    def newest_time(self) -> datetime | None:
+        times = [o.modified_at for o in (*self.segments.values(), *self.partials.values())]
+        return max(times) if times else None
+
+
+def list_wal(
+    policy: str, storage: Storage, segment_size: int = DEFAULT_SEGMENT_SIZE
+) -> WalInventory:
+    """List a destination's WAL archive; `StorageUnavailable` if it cannot be listed."""
+    inv = WalInventory(storage.name)
+    for obj in storage.list(layout.wal_prefix(policy)):
+        parsed = layout.parse_wal_key(policy, obj.key)
+        if parsed is None:
+            continue
+        if parsed.kind == "history":
+            tli = parse_history_file_name(parsed.name)
+            if tli is not None:
+                inv.histories[tli] = obj
+            continue
+        seg = parse_segment_name(parsed.name, segment_size)
+        if seg is None:
+            continue
+        (inv.partials if parsed.kind == "partial" else inv.segments)[seg] = obj
+    return inv
+
+
+@dataclass(frozen=True)
+class WalScan:
+    """The WAL archive across destinations."""
+
+    inventories: dict[str, WalInventory]
+    unreachable: dict[str, StorageUnavailable]
+
+
+def scan_wal(
+    policy: str, storages: Sequence[Storage], segment_size: int = DEFAULT_SEGMENT_SIZE
+) -> WalScan:
+    inventories: dict[str, WalInventory] = {}
+    unreachable: dict[str, StorageUnavailable] = {}
+    for storage in storages:
+        try:
+            inventories[storage.name] = list_wal(policy, storage, segment_size)
+        except StorageUnavailable as exc:
+            unreachable[storage.name] = exc
+    return WalScan(inventories, unreachable)
+
+
+def read_history(policy: str, storage: Storage, timeline: int, keys: KeyCache) -> list[Switch]:
+    """The switches in `timeline`'s history file in `storage` (its ancestry)."""
+    raw = read_wal_object(
+        storage, layout.wal_history_key(policy, history_file_name(timeline)), keys
+    )
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        raise IntegrityFailure(
+            f"{storage.name}: history of timeline {timeline} is not text"
+        ) from None
+    return parse_history(text)
+
+
+def safe_delete(storage: Storage, key: str) -> None:
+    """Delete, logging instead of raising: used for superseded partial segments."""
+    try:
+        storage.delete(key)
+    except DrbotError as exc:
+        log.warning("wal.delete_failed", destination=storage.name, key=key, error=str(exc))

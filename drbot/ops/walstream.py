@@ -1,0 +1,371 @@
+"""The WAL streamer: continuous archiving through a replication slot drbot owns.
+
+The order that makes it safe: WAL arrives over the replication protocol; a complete segment is
+compressed, encrypted, stored in every destination and read back; only then does drbot report
+the segment's end as flushed, which lets the slot (and so the server) forget it. The unfinished
+segment is shipped as a `.partial` object every `partial_interval`, which bounds the RPO below
+a segment. After a crash or restart, streaming resumes at the first segment not complete in
+every destination; the slot has kept that WAL. If the slot was lost (dropped, or WAL removed
+under `max_slot_wal_keep_size`), the hole is a *gap*: reported loudly, and the caller is told
+so it can take a new full backup.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from drbot.engines.postgres.engine import PostgresEngine
+from drbot.engines.postgres.replication import (
+    Keepalive,
+    ReplicationConnection,
+    TimelineEnd,
+    WalData,
+)
+from drbot.engines.postgres.wal import (
+    Segment,
+    Switch,
+    format_lsn,
+    history_file_name,
+    parse_history,
+    timeline_of,
+)
+from drbot.errors import DatabaseError, DrbotError, SourceUnavailable
+from drbot.ops.walstore import WalShipper, list_wal, safe_delete
+from drbot.storage import layout
+from drbot.storage.base import Storage
+
+log = structlog.get_logger(__name__)
+
+_STATUS_EVERY_S = 10.0
+_RETRY_MAX_S = 30.0
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    policy: str
+    slot: str
+    partial_interval_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class Gap:
+    """WAL that is in neither the archive nor the server any more."""
+
+    timeline: int
+    first_missing: str
+    resumed_at: str
+
+    def describe(self) -> str:
+        return (
+            f"WAL from segment {self.first_missing} up to {self.resumed_at} is lost "
+            "(the replication slot was dropped or the server removed the WAL); point-in-time "
+            "restores into that range are impossible until a new full backup"
+        )
+
+
+@dataclass
+class StreamState:
+    """What the streamer has done, for callers and metrics (updated as it runs)."""
+
+    timeline: int = 0
+    received_lsn: int = 0
+    archived_lsn: int = 0
+    server_lsn: int = 0
+    segments_shipped: int = 0
+    partials_shipped: int = 0
+    connected: bool = False
+
+
+class WalStreamer:
+    """Streams one policy's WAL until `stop` is set; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: StreamSettings,
+        source: PostgresEngine,
+        shipper: WalShipper,
+        *,
+        on_gap: Callable[[Gap], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.source = source
+        self.shipper = shipper
+        self.storages: list[Storage] = shipper.storages
+        self.on_gap = on_gap
+        self.state = StreamState()
+        self._segment_size = 0
+
+    # -- the outer loop: reconnect with backoff -----------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Stream until `stop` is set, reconnecting after failures (backoff up to 30 s).
+
+        `DatabaseError` for problems a retry cannot fix (slot of the wrong kind, no
+        privilege) propagates; so does `KeyProblem`.
+        """
+        delay = 1.0
+        while not stop.is_set():
+            try:
+                self.run_session(stop)
+                delay = 1.0
+            except SourceUnavailable as exc:
+                self.state.connected = False
+                log.warning("wal.stream_interrupted", policy=self.settings.policy, error=str(exc))
+                stop.wait(delay)
+                delay = min(delay * 2, _RETRY_MAX_S)
+
+    # -- one connection -------------------------------------------------------------------
+
+    def run_session(self, stop: threading.Event) -> None:
+        """One replication connection: resume, stream, ship, until `stop` or the stream ends."""
+        restart_lsn, created = self.source.ensure_slot(self.settings.slot)
+        with self.source.replication() as repl:
+            system = repl.identify_system()
+            self._segment_size = repl.segment_size()
+            history = self._ship_histories(repl, system.timeline)
+            segment = self._resume_segment(system.timeline, history, restart_lsn, created)
+            self.state.timeline = segment.timeline
+            self.state.server_lsn = system.flush_lsn
+            log.info(
+                "wal.stream_started",
+                policy=self.settings.policy,
+                slot=self.settings.slot,
+                timeline=segment.timeline,
+                start=format_lsn(segment.start_lsn(self._segment_size)),
+            )
+            repl.start(self.settings.slot, segment.start_lsn(self._segment_size), segment.timeline)
+            self.state.connected = True
+            try:
+                self._stream(repl, segment, stop)
+            finally:
+                self.state.connected = False
+
+    def _ship_histories(self, repl: ReplicationConnection, timeline: int) -> list[Switch]:
+        """Store every timeline history file up to the server's; its (parent, switch) list."""
+        if timeline == 1:
+            return []
+        name, content = repl.timeline_history(timeline)
+        switches = parse_history(content.decode())
+        for tli in range(2, timeline + 1):
+            key = layout.wal_history_key(self.settings.policy, history_file_name(tli))
+            missing = [s.name for s in self.storages if not _exists(s, key)]
+            if not missing:
+                continue
+            body = content if tli == timeline else repl.timeline_history(tli)[1]
+            self._put_everywhere(key, body, missing)
+        log.debug("wal.histories_shipped", policy=self.settings.policy, file=name)
+        return switches
+
+    def _resume_segment(
+        self,
+        server_timeline: int,
+        history: list[Switch],
+        restart_lsn: int | None,
+        created: bool,
+    ) -> Segment:
+        """The first segment not yet complete in every destination."""
+        size = self._segment_size
+        common: set[Segment] | None = None
+        for storage in self.storages:
+            present = set(list_wal(self.settings.policy, storage, size).segments)
+            common = present if common is None else common & present
+        newest = max(common or set(), key=lambda s: (s.number, s.timeline), default=None)
+        slot_start = restart_lsn
+        if newest is None:
+            if slot_start is None:
+                raise DatabaseError(f"replication slot {self.settings.slot} reserves no WAL")
+            return self._on_timeline(slot_start // size, server_timeline, history)
+        wanted = newest.number + 1
+        if slot_start is not None and slot_start // size > wanted:
+            gap = Gap(
+                timeline=newest.timeline,
+                first_missing=Segment(newest.timeline, wanted).name(size),
+                resumed_at=Segment(newest.timeline, slot_start // size).name(size),
+            )
+            log.error(
+                "wal.gap",
+                policy=self.settings.policy,
+                slot=self.settings.slot,
+                slot_created=created,
+                first_missing=gap.first_missing,
+                resumed_at=gap.resumed_at,
+            )
+            if self.on_gap is not None:
+                self.on_gap(gap)
+            wanted = slot_start // size
+        return self._on_timeline(wanted, server_timeline, history)
+
+    def _on_timeline(self, number: int, server_timeline: int, history: list[Switch]) -> Segment:
+        # A segment in which the timeline switched is streamed from the new timeline, whose copy
+        # holds the old timeline's WAL up to the switch and the new WAL after it.
+        end = (number + 1) * self._segment_size - 1
+        return Segment(timeline_of(end, server_timeline, history), number)
+
+    def _stream(self, repl: ReplicationConnection, segment: Segment, stop: threading.Event) -> None:
+        cur = _Current(segment, self._segment_size)
+        self.state.archived_lsn = cur.start
+        last_partial = last_status = time.monotonic()
+        while not stop.is_set():
+            for msg in repl.messages(timeout=0.5):
+                if isinstance(msg, WalData):
+                    self._receive(repl, cur, msg)
+                elif isinstance(msg, Keepalive):
+                    self.state.server_lsn = max(self.state.server_lsn, msg.server_end_lsn)
+                    if msg.reply_requested:
+                        repl.send_status(self.state.received_lsn, self.state.archived_lsn)
+                elif isinstance(msg, TimelineEnd):
+                    # The server was promoted: what we hold is this timeline's final piece.
+                    self._ship_partial(cur)
+                    log.warning(
+                        "wal.timeline_ended",
+                        policy=self.settings.policy,
+                        timeline=cur.segment.timeline,
+                        next_timeline=msg.next_timeline,
+                        at=format_lsn(msg.next_start_lsn),
+                    )
+                    return
+                if time.monotonic() - last_partial >= self.settings.partial_interval_s:
+                    break
+            now = time.monotonic()
+            if now - last_partial >= self.settings.partial_interval_s:
+                self._ship_partial(cur)
+                last_partial = now
+            if now - last_status >= _STATUS_EVERY_S:
+                repl.send_status(self.state.received_lsn, self.state.archived_lsn)
+                last_status = now
+        self._ship_partial(cur)
+
+    def _receive(self, repl: ReplicationConnection, cur: _Current, msg: WalData) -> None:
+        if msg.start_lsn != cur.end:
+            raise SourceUnavailable(
+                f"WAL stream jumped from {format_lsn(cur.end)} to {format_lsn(msg.start_lsn)}"
+            )
+        self.state.server_lsn = max(self.state.server_lsn, msg.server_end_lsn)
+        data = memoryview(msg.data)
+        while data:
+            data = cur.take(data)
+            if cur.full:
+                self._ship_segment(repl, cur)
+                cur.advance()
+                self.state.archived_lsn = cur.start
+                repl.send_status(cur.start, cur.start)
+        self.state.received_lsn = cur.end
+
+    # -- shipping ---------------------------------------------------------------------------
+
+    def _put_everywhere(
+        self,
+        key: str,
+        data: bytes,
+        only: Sequence[str] | None = None,
+        keepalive: Callable[[], None] | None = None,
+    ) -> None:
+        """Store until every destination has it, retrying failed ones with backoff."""
+        pending: Sequence[str] | None = only
+        delay = 1.0
+        while True:
+            failed = self.shipper.put(key, data, pending)
+            if not failed:
+                return
+            for destination, why in failed.items():
+                log.error(
+                    "wal.ship_failed",
+                    policy=self.settings.policy,
+                    destination=destination,
+                    key=key,
+                    error=why,
+                    retry_in_s=delay,
+                )
+            pending = list(failed)
+            deadline = time.monotonic() + delay
+            while time.monotonic() < deadline:
+                if keepalive is not None:
+                    keepalive()
+                time.sleep(min(1.0, max(deadline - time.monotonic(), 0)))
+            delay = min(delay * 2, _RETRY_MAX_S)
+
+    def _ship_segment(self, repl: ReplicationConnection, cur: _Current) -> None:
+        name = cur.segment.name(self._segment_size)
+        key = layout.wal_segment_key(self.settings.policy, name)
+
+        def keepalive() -> None:
+            repl.send_status(self.state.received_lsn, self.state.archived_lsn)
+
+        self._put_everywhere(key, bytes(cur.buf), keepalive=keepalive)
+        if cur.partial_len:
+            partial = layout.wal_segment_key(self.settings.policy, name, partial=True)
+            for storage in self.storages:
+                safe_delete(storage, partial)
+        self.state.segments_shipped += 1
+        log.info("wal.segment_archived", policy=self.settings.policy, segment=name)
+
+    def _ship_partial(self, cur: _Current) -> None:
+        if len(cur.buf) <= cur.partial_len:
+            return
+        name = cur.segment.name(self._segment_size)
+        key = layout.wal_segment_key(self.settings.policy, name, partial=True)
+        failed = self.shipper.put(key, bytes(cur.buf))
+        if not failed:
+            cur.partial_len = len(cur.buf)
+        for destination, why in failed.items():
+            # The next interval tries again; the complete segment will follow in any case.
+            log.warning(
+                "wal.partial_failed",
+                policy=self.settings.policy,
+                destination=destination,
+                segment=name,
+                error=why,
+            )
+        self.state.partials_shipped += 1
+        log.debug(
+            "wal.partial_archived",
+            policy=self.settings.policy,
+            segment=name,
+            upto=format_lsn(cur.end),
+        )
+
+
+class _Current:
+    """The segment being received: its bytes so far, and how much of it is shipped as partial."""
+
+    def __init__(self, segment: Segment, size: int) -> None:
+        self.segment = segment
+        self.size = size
+        self.buf = bytearray()
+        self.partial_len = 0
+
+    @property
+    def start(self) -> int:
+        return self.segment.start_lsn(self.size)
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.buf)
+
+    @property
+    def full(self) -> bool:
+        return len(self.buf) == self.size
+
+    def take(self, data: memoryview) -> memoryview:
+        """Append what fits in this segment; returns the rest."""
+        room = self.size - len(self.buf)
+        self.buf += data[:room]
+        return data[room:]
+
+    def advance(self) -> None:
+        self.segment = self.segment.next()
+        self.buf = bytearray()
+        self.partial_len = 0
+
+
+def _exists(storage: Storage, key: str) -> bool:
+    try:
+        storage.stat(key)
+    except DrbotError:
+        return False
+    return True
