@@ -417,12 +417,16 @@ class SpoolFiller:
                     system_identifier=self.plan.system_identifier,
                     segment_size=self.plan.segment_size,
                 )
-            except DrbotError as exc:
-                self.failures[name] = exc.message
-                fail_spool_file(self.spool, name, exc.message)
-                log.error("restore.wal_failed", name=name, error=exc.message)
+                put_spool_file(self.spool, name, data)
+            except BaseException as exc:
+                # Whatever it was, the server must hear of it rather than wait for the file.
+                why = exc.message if isinstance(exc, DrbotError) else f"{exc!r}"
+                self.failures[name] = why
+                fail_spool_file(self.spool, name, why)
+                log.error("restore.wal_failed", name=name, error=why)
+                if not isinstance(exc, Exception):
+                    raise
                 return
-            put_spool_file(self.spool, name, data)
 
 
 def ensure_empty_target(path: Path) -> None:

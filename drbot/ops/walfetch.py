@@ -132,7 +132,7 @@ want=$(cat "$spool/$f.sha256")
 got=$(sha256sum "$spool/$f" | cut -d' ' -f1)
 if [ "$want" != "$got" ]; then echo "drbot: $f in the spool is damaged" >&2; exit 255; fi
 cp "$spool/$f" "$p.drbot-tmp" && mv "$p.drbot-tmp" "$p" || exit 255
-rm -f "$spool/$f" "$spool/$f.sha256"
+: > "$spool/$f.taken"
 """
 
 
@@ -159,5 +159,10 @@ def fail_spool_file(spool: Path, name: str, why: str) -> None:
 
 
 def spool_pending(spool: Path, names: Sequence[str]) -> int:
-    """How many of `names` are in the spool, not yet taken by the server."""
-    return sum(1 for n in names if (spool / n).exists())
+    """How many of `names` are in the spool, not yet taken by the server; removes files taken
+    before the last two (the server asks for the last segment again when recovery ends)."""
+    taken = [i for i, n in enumerate(names) if (spool / f"{n}.taken").exists()]
+    for n in names[: max(taken[-1] - 1, 0) if taken else 0]:
+        for suffix in ("", ".sha256"):
+            (spool / f"{n}{suffix}").unlink(missing_ok=True)
+    return sum(1 for n in names if (spool / n).exists() and not (spool / f"{n}.taken").exists())
