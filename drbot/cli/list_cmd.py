@@ -24,8 +24,38 @@ from drbot.cli.common import (
 from drbot.errors import KeyProblem, StorageUnavailable
 
 
+def _windows(policy: Any, scan: CatalogScan) -> dict[str, dict[str, Any]]:
+    """Per physical backup: the span of time and WAL positions it can be restored to."""
+    physical = [b for b in scan.backups if b.manifest.mode == "physical"]
+    if not physical:
+        return {}
+    from drbot.cli.restore_dir import load_histories
+    from drbot.engines.postgres.wal import format_lsn
+    from drbot.ops.pitr import restorable_window
+    from drbot.ops.walstore import KeyCache, scan_wal
+
+    storages = build.build_storages(policy)
+    wal = scan_wal(policy.name, storages)
+    histories = load_histories(policy.name, storages, KeyCache(build.build_keys(policy)))
+    out: dict[str, dict[str, Any]] = {}
+    for b in physical:
+        w = restorable_window(b, wal, histories)
+        out[b.backup_id] = {
+            "timeline": w.timeline,
+            "from_time": b.manifest.completed_at.isoformat(),
+            "from_lsn": b.manifest.positions.get("stop_lsn"),
+            "to_time": w.end_time.isoformat() if w.end_time else None,
+            "to_lsn": format_lsn(w.end_lsn),
+            "to_partial_segment": w.partial,
+            "wal_files": len(w.wal),
+            "gap": w.gap,
+        }
+    return out
+
+
 def _rows(policy: Any, scan: CatalogScan) -> list[dict[str, Any]]:
     rows = []
+    windows = _windows(policy, scan)
     for b in scan.backups:
         m = b.manifest
         rows.append(
@@ -43,6 +73,8 @@ def _rows(policy: Any, scan: CatalogScan) -> list[dict[str, Any]]:
                 "databases": list(m.databases),
                 "source_version": m.source_version,
                 "key_id": m.key_id,
+                "positions": m.positions or None,
+                "restorable": windows.get(b.backup_id),
             }
         )
     return rows
@@ -55,7 +87,9 @@ def _rows(policy: Any, scan: CatalogScan) -> list[dict[str, Any]]:
 def command(policy_name: str | None, policies_dir: Path | None, as_json: bool) -> None:
     """List complete backups: those whose manifest is stored and authenticates.
 
-    Interrupted or still-running backups are not listed (they have no manifest yet).
+    Interrupted or still-running backups are not listed (they have no manifest yet). For a
+    physical backup, RESTORABLE TO is how far the archived WAL after it reaches (any moment
+    from the backup's end to there can be restored with --at); a gap ends it early.
 
     \b
     Examples:
@@ -92,15 +126,22 @@ def _print_rows(rows: list[dict[str, Any]], *, as_json: bool) -> None:
         click.echo("No complete backups.")
         return
     table = Table(box=None, pad_edge=False)
-    for col in ("POLICY", "ID", "TYPE", "COMPLETED (UTC)", "SIZE", "DESTINATIONS"):
+    for col in ("POLICY", "ID", "MODE", "COMPLETED (UTC)", "SIZE", "DESTINATIONS", "RESTORABLE TO"):
         table.add_column(col)
     for r in rows:
+        window = r["restorable"]
+        reach = "its end"
+        if window is not None and window["to_time"]:
+            reach = "~" + window["to_time"][:19].replace("T", " ")
+            if window["gap"]:
+                reach += f" (gap at {window['gap']})"
         table.add_row(
             r["policy"],
             r["id"],
-            r["type"],
+            r["mode"],
             r["completed_at"][:19].replace("T", " "),
             human_bytes(r["size_bytes"]),
             ", ".join(r["destinations"]),
+            reach,
         )
     Console(width=200).print(table)

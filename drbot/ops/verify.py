@@ -10,6 +10,7 @@ import structlog
 from drbot.catalog import scan_catalog
 from drbot.errors import DrbotError, KeyProblem, NoRestorePoint, StorageUnavailable
 from drbot.ops.artifacts import read_artifact
+from drbot.ops.walverify import WalVerifyResult, verify_wal
 from drbot.pipeline.keys import KeyProvider
 from drbot.storage.base import Storage
 
@@ -41,6 +42,14 @@ class VerifyReport:
         return not self.findings and not self.unreachable
 
 
+def _merge(report: VerifyReport, wal: WalVerifyResult) -> None:
+    report.findings.extend(
+        Finding(f.destination, f.subject, f.key, f.problem) for f in wal.findings
+    )
+    for dest, why in wal.unreachable.items():
+        report.unreachable.setdefault(dest, why)
+
+
 def run_verify(
     policy: str,
     storages: Sequence[Storage],
@@ -49,7 +58,8 @@ def run_verify(
     backup_id: str | None = None,
     progress: Callable[[str, str, int], None] | None = None,
 ) -> VerifyReport:
-    """Check every (or one) backup of `policy` in each of `storages`.
+    """Check every (or one) backup of `policy` in each of `storages`, and (unless one backup
+    is asked for) every WAL object and the continuity of each physical chain.
 
     Raises `NoRestorePoint` if `backup_id` is given and no destination has it (nor a damaged
     manifest for it), and `KeyProblem` if no manifest at all opens with the policy key.
@@ -57,9 +67,11 @@ def run_verify(
     """
     scan = scan_catalog(policy, storages, keys)
     report = VerifyReport(unreachable={d: str(e) for d, e in scan.unreachable.items()})
-    for p in scan.problems:
-        if backup_id is None or p.backup_id == backup_id:
-            report.findings.append(Finding(p.destination, p.backup_id, p.key, str(p.error)))
+    report.findings.extend(
+        Finding(p.destination, p.backup_id, p.key, str(p.error))
+        for p in scan.problems
+        if backup_id is None or p.backup_id == backup_id
+    )
     key_problems = [p.error for p in scan.problems if isinstance(p.error, KeyProblem)]
     if key_problems and not scan.backups:
         raise key_problems[0]
@@ -107,6 +119,10 @@ def run_verify(
                         key=rec.key,
                         error=exc.message,
                     )
+    if backup_id is None:
+        wal = verify_wal(policy, storages, keys, scan, progress)
+        checked, nbytes = checked + wal.checked_objects, nbytes + wal.checked_bytes
+        _merge(report, wal)
     result = VerifyReport(checked, nbytes, report.backups, report.findings, report.unreachable)
     log.info(
         "verify.completed",

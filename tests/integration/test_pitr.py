@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -291,22 +292,101 @@ def test_pitr_inside_the_newest_partial_segment(scenario: Scenario) -> None:
     _pitr_exactly(scenario, at)
 
 
+def test_verify_passes_and_list_shows_how_far_each_backup_restores(scenario: Scenario) -> None:
+    res = scenario.drbot("verify", "--policy", "pitr", "--json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = json.loads(res.stdout)
+    assert report["ok"]
+    assert report["checked_objects"] > 10  # base backup copies and every WAL object
+    listed = scenario.drbot("list", "--policy", "pitr", "--json")
+    assert listed.returncode == 0, listed.stderr
+    (row,) = json.loads(listed.stdout)
+    assert row["mode"] == "physical"
+    assert row["positions"]["timeline"] == 1
+    window = row["restorable"]
+    assert window["gap"] is None
+    assert window["to_partial_segment"] is True
+    assert datetime.fromisoformat(window["to_time"]) > scenario.marks["after_restart"]
+
+
+def _wal_keys(scenario: Scenario) -> list[str]:
+    east = scenario.s3.client("s3", "us-east-1")
+    listing = east.list_objects_v2(Bucket=scenario.buckets[0], Prefix="pitr/pitr/wal/00000001/")
+    return sorted(o["Key"] for o in listing["Contents"] if ".partial" not in o["Key"])
+
+
+class _Archive:
+    """Damage WAL objects in both regions, and put them back afterwards."""
+
+    def __init__(self, scenario: Scenario) -> None:
+        self.clients = [
+            (scenario.s3.client("s3", "us-east-1"), scenario.buckets[0]),
+            (scenario.s3.client("s3", "eu-west-1"), scenario.buckets[1]),
+        ]
+        self.saved: list[tuple[Any, str, str, bytes]] = []
+
+    def save(self, index: int, key: str) -> bytes:
+        client, bucket = self.clients[index]
+        body: bytes = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        self.saved.append((client, bucket, key, body))
+        return body
+
+    def delete(self, index: int, key: str) -> None:
+        self.save(index, key)
+        client, bucket = self.clients[index]
+        client.delete_object(Bucket=bucket, Key=key)
+
+    def corrupt(self, index: int, key: str) -> None:
+        body = bytearray(self.save(index, key))
+        body[len(body) // 2] ^= 0xFF
+        client, bucket = self.clients[index]
+        client.put_object(Bucket=bucket, Key=key, Body=bytes(body))
+
+    def restore(self) -> None:
+        for client, bucket, key, body in reversed(self.saved):
+            client.put_object(Bucket=bucket, Key=key, Body=body)
+
+
+def test_a_missing_segment_is_a_named_gap_and_pitr_past_it_is_refused(
+    scenario: Scenario,
+) -> None:
+    full = _wal_keys(scenario)
+    victim = full[len(full) // 2]
+    name = victim.rsplit("/", 1)[1].split(".")[0]
+    archive = _Archive(scenario)
+    try:
+        archive.delete(0, victim)  # one region only: verify names it; restores still work
+        res = scenario.drbot("verify", "--policy", "pitr", "--json")
+        assert res.returncode == 13, res.stdout + res.stderr
+        problems = json.loads(res.stdout)["problems"]
+        assert [p["destination"] for p in problems] == ["east"]
+        assert name in problems[0]["problem"]
+        dry = scenario.drbot(
+            "restore", "--policy", "pitr", "--to-dir", str(scenario.base / "dry"), "--dry-run",
+            "--json", "--at", scenario.marks["after_restart"].isoformat(),
+            *(["--run-as", "postgres"] if os.geteuid() == 0 else []),
+        )  # fmt: skip
+        assert dry.returncode == 0, dry.stderr
+        archive.delete(1, victim)  # now gone everywhere
+        res, target = scenario.restore("--at", scenario.marks["after_restart"].isoformat())
+        assert res.returncode == 10, (res.returncode, res.stderr)
+        assert name in res.stderr
+        assert not target.exists()
+    finally:
+        archive.restore()
+
+
 def test_a_corrupt_wal_segment_stops_the_restore_and_leaves_no_server(
     scenario: Scenario,
 ) -> None:
-    # Runs after the PITR tests: it damages the archive.
-    east = scenario.s3.client("s3", "us-east-1")
-    west = scenario.s3.client("s3", "eu-west-1")
-    listing = east.list_objects_v2(Bucket=scenario.buckets[0], Prefix="pitr/pitr/wal/00000001/")
-    full = sorted(o["Key"] for o in listing["Contents"] if ".partial" not in o["Key"])
-    victim = full[-1]  # the newest complete segment: every --latest restore needs it
-    for client, bucket in ((east, scenario.buckets[0]), (west, scenario.buckets[1])):
-        body = bytearray(client.get_object(Bucket=bucket, Key=victim)["Body"].read())
-        body[len(body) // 2] ^= 0xFF
-        client.put_object(Bucket=bucket, Key=victim, Body=bytes(body))
+    victim = _wal_keys(scenario)[-1]  # the newest complete segment: --latest needs it
+    archive = _Archive(scenario)
+    archive.corrupt(0, victim)
+    archive.corrupt(1, victim)
     res, target = scenario.restore("--latest")
     assert res.returncode == 13, (res.returncode, res.stdout, res.stderr)
     assert victim.rsplit("/", 1)[1].split(".")[0] in res.stderr
     assert not target.exists()  # no promoted server, no half-restored directory
     leftovers = [p.name for p in scenario.base.iterdir() if p.name.endswith(("-staging", "-wal"))]
     assert not leftovers
+    archive.restore()
