@@ -174,7 +174,14 @@ class WalStreamer:
         for storage in self.storages:
             present = set(list_wal(self.settings.policy, storage, size).segments)
             common = present if common is None else common & present
-        newest = max(common or set(), key=lambda s: (s.number, s.timeline), default=None)
+        # Only segments on this server's history count: after a failover, the old timeline's
+        # segments past the switch are another history, not WAL this server will send.
+        on_path = {
+            s
+            for s in common or set()
+            if s.timeline == timeline_of(s.end_lsn(size) - 1, server_timeline, history)
+        }
+        newest = max(on_path, key=lambda s: s.number, default=None)
         slot_start = restart_lsn
         if newest is None:
             if slot_start is None:

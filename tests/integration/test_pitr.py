@@ -390,3 +390,50 @@ def test_a_corrupt_wal_segment_stops_the_restore_and_leaves_no_server(
     leftovers = [p.name for p in scenario.base.iterdir() if p.name.endswith(("-staging", "-wal"))]
     assert not leftovers
     archive.restore()
+
+
+def test_after_failover_streaming_continues_on_the_new_timeline(scenario: Scenario) -> None:
+    # The old primary is gone: its streamer stops. A restore of it, promoted, takes over.
+    assert scenario.streamer is not None
+    scenario.streamer.terminate()
+    scenario.streamer.wait(timeout=60)
+    res, promoted_dir = scenario.restore("--latest")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["timeline"] == 2
+    promoted_uri = f"postgresql://postgres@127.0.0.1:{out['port']}/postgres"
+    scenario.env["SRC_URI"] = promoted_uri
+    scenario.start_streamer()
+    writer = Writer(promoted_uri)
+    with psycopg.connect(promoted_uri, autocommit=True) as conn:
+        row = conn.execute("SELECT max(seq) FROM counter").fetchone()
+        assert row is not None
+        writer.seq = int(row[0]) + 1000  # rows of the new timeline are easy to tell apart
+    writer.start()
+    try:
+        time.sleep(3)
+        with psycopg.connect(promoted_uri, autocommit=True) as conn:
+            conn.execute("SELECT pg_switch_wal()")
+        time.sleep(3)
+    finally:
+        writer.stop.set()
+        writer.join(timeout=10)
+    time.sleep(PARTIAL_INTERVAL_S * 2 + 1)
+    with psycopg.connect(promoted_uri, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT seq, pg_xact_commit_timestamp(xmin) FROM counter ORDER BY 2, 1"
+        ).fetchall()
+    commits = [(int(r[0]), r[1]) for r in rows]
+    new_rows = [(s, ts) for s, ts in commits if s > writer.seq - 100]
+    assert len(new_rows) > 50
+    at = new_rows[len(new_rows) // 2][1]
+    res, target = scenario.restore("--at", at.isoformat())
+    assert res.returncode == 0, res.stderr
+    second = json.loads(res.stdout)
+    assert second["plan"]["timeline"] == 2
+    assert scenario.restored_seqs(second["port"]) == {s for s, ts in commits if ts <= at}
+    assert second["timeline"] == 3
+    scenario.stop_restored(target)
+    scenario.streamer.terminate()
+    scenario.streamer.wait(timeout=60)
+    scenario.stop_restored(promoted_dir)
