@@ -226,10 +226,12 @@ def push(path: Path, policy_name: str, policies_dir: Path | None) -> None:
         key = layout.wal_segment_key(policy.name, name)
     elif parse_history_file_name(name) is not None:
         key = layout.wal_history_key(policy.name, name)
-    else:
-        # *.backup and *.partial files: recovery never needs them from drbot.
+    elif name.endswith((".backup", ".partial")):
+        # Backup history and partial files: recovery never needs them from drbot.
         click.echo(f"drbot: {name} is not needed for recovery; not archived", err=True)
         return
+    else:
+        raise UsageError(f"{name} is not a WAL file name (archive_command passes %p)")
     storages = build.build_storages(policy)
     keys = build.build_keys(policy)
     cache = KeyCache(keys)

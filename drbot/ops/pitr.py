@@ -108,21 +108,24 @@ class Window:
     end_lsn: int
     partial: bool
     gap: str | None
+    limit_lsn: int = 0
+    """No restore point lies at or beyond this (the end of the last segment, even partial)."""
 
 
 def _union(wal: WalScan) -> tuple[dict[Segment, int], dict[Segment, int], dict[Segment, datetime]]:
     full: dict[Segment, int] = {}
     partial: dict[Segment, int] = {}
-    times: dict[Segment, datetime] = {}
+    full_times: dict[Segment, datetime] = {}
+    partial_times: dict[Segment, datetime] = {}
     for inv in wal.inventories.values():
         for seg, obj in inv.segments.items():
             full.setdefault(seg, obj.size_bytes)
-            times[seg] = max(times.get(seg, obj.modified_at), obj.modified_at)
+            full_times[seg] = max(full_times.get(seg, obj.modified_at), obj.modified_at)
         for seg, obj in inv.partials.items():
             partial.setdefault(seg, obj.size_bytes)
-            if seg not in full:
-                times[seg] = max(times.get(seg, obj.modified_at), obj.modified_at)
-    return full, partial, times
+            partial_times[seg] = max(partial_times.get(seg, obj.modified_at), obj.modified_at)
+    # A partial superseded by its complete segment (in any destination) says nothing more.
+    return full, partial, {**partial_times, **full_times}
 
 
 def descendant_timeline(base_tli: int, stop_lsn: int, histories: dict[int, list[Switch]]) -> int:
@@ -131,7 +134,8 @@ def descendant_timeline(base_tli: int, stop_lsn: int, histories: dict[int, list[
     for tli, switches in histories.items():
         if tli <= best:
             continue
-        if timeline_of(stop_lsn, tli, switches) == base_tli:
+        # A switch exactly at the backup's end still continues it (the LSN before is base's).
+        if timeline_of(stop_lsn - 1, tli, switches) == base_tli:
             best = tli
     return best
 
@@ -167,11 +171,16 @@ def restorable_window(
         else:
             break
         number += 1
-    # WAL beyond where the path stops means a hole, not the end of the archive.
-    later = any(s.number > number and s.timeline <= tli for s in (*full, *partial))
+    # WAL on this path beyond where it stops means a hole, not the end of the archive. (The
+    # parent timeline going on past the switch is another history, not later WAL.)
+    later = any(
+        s.number > number and s.timeline == timeline_of(s.end_lsn(size) - 1, tli, switches)
+        for s in (*full, *partial)
+    )
     missing = Segment(timeline_of((number + 1) * size - 1, tli, switches), number)
     gap = missing.name(size) if later else None
-    return Window(tli, tuple(files), end_time, end_lsn, is_partial, gap)
+    limit = (number + 1) * size if is_partial else end_lsn
+    return Window(tli, tuple(files), end_time, end_lsn, is_partial, gap, limit)
 
 
 def plan_pitr(
@@ -246,12 +255,16 @@ def _check_reach(policy: str, target: Target, entry: BackupEntry, window: Window
     elif (
         target.kind == "lsn"
         and target.lsn is not None
-        and not window.partial
-        and target.lsn > window.end_lsn
+        and (target.lsn >= window.limit_lsn if window.partial else target.lsn > window.end_lsn)
     ):
+        reach = (
+            f"into the partial segment ending at {format_lsn(window.limit_lsn)}"
+            if window.partial
+            else format_lsn(window.end_lsn)
+        )
         raise NoRestorePoint(
             f"{policy}: no restore point at {target.describe()}: from backup "
-            f"{entry.backup_id} the WAL reaches only {format_lsn(window.end_lsn)}{gap}"
+            f"{entry.backup_id} the WAL reaches only {reach}{gap}"
         )
 
 

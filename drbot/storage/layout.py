@@ -25,7 +25,7 @@ from urllib.parse import unquote
 
 MANIFEST_NAME = "manifest.json"
 ARTIFACT_SUFFIX = ".zst.enc"
-_ID_RE = re.compile(r"^(\d{8}T\d{6}Z)-([0-9a-f]{6})$")
+_ID_RE = re.compile(r"(\d{8}T\d{6}Z)-([0-9a-f]{6})")
 _SAFE = frozenset(string.ascii_letters + string.digits + "_-.")
 
 
@@ -36,14 +36,14 @@ def new_backup_id(at: datetime) -> str:
 
 def backup_id_time(backup_id: str) -> datetime:
     """The UTC start time encoded in a backup id; ValueError if it is not one."""
-    m = _ID_RE.match(backup_id)
+    m = _ID_RE.fullmatch(backup_id)
     if not m:
         raise ValueError(f"not a backup id: {backup_id!r}")
     return datetime.strptime(m.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
 
 
 def is_backup_id(text: str) -> bool:
-    return bool(_ID_RE.match(text))
+    return bool(_ID_RE.fullmatch(text))
 
 
 def backups_prefix(policy: str) -> str:
@@ -140,8 +140,8 @@ def parse_audit_anchor_key(trail_id: str, key: str) -> int | None:
 # Segment and history names are PostgreSQL's own (24 / 8 upper-case hex digits), so a key's
 # name part is exactly the file name PostgreSQL asks `restore_command` for.
 
-_WAL_SEGMENT_RE = re.compile(r"^([0-9A-F]{8})/([0-9A-F]{24})(\.partial)?\.zst\.enc$")
-_WAL_HISTORY_RE = re.compile(r"^history/([0-9A-F]{8}\.history)\.zst\.enc$")
+_WAL_SEGMENT_RE = re.compile(r"([0-9A-F]{8})/([0-9A-F]{24})(\.partial)?\.zst\.enc")
+_WAL_HISTORY_RE = re.compile(r"history/([0-9A-F]{8}\.history)\.zst\.enc")
 
 
 def wal_prefix(policy: str) -> str:
@@ -171,8 +171,8 @@ def parse_wal_key(policy: str, key: str) -> WalKey | None:
     if not key.startswith(prefix):
         return None
     rest = key[len(prefix) :]
-    m = _WAL_SEGMENT_RE.match(rest)
+    m = _WAL_SEGMENT_RE.fullmatch(rest)
     if m and m.group(2).startswith(m.group(1)):
         return WalKey("partial" if m.group(3) else "segment", m.group(2))
-    h = _WAL_HISTORY_RE.match(rest)
+    h = _WAL_HISTORY_RE.fullmatch(rest)
     return WalKey("history", h.group(1)) if h else None

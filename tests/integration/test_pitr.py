@@ -392,6 +392,39 @@ def test_a_corrupt_wal_segment_stops_the_restore_and_leaves_no_server(
     archive.restore()
 
 
+def test_wal_fetch_and_push_for_restore_and_archive_commands(scenario: Scenario) -> None:
+    name = _wal_keys(scenario)[1].rsplit("/", 1)[1].split(".")[0]
+    got = scenario.base / "fetched" / name
+    got.parent.mkdir()
+    res = scenario.drbot("wal", "fetch", "--policy", "pitr", name, str(got))
+    assert res.returncode == 0, res.stderr
+    data = got.read_bytes()
+    assert len(data) == 16 * 1024 * 1024
+    # archive_command semantics: the same file again is fine, different content is refused
+    assert scenario.drbot("wal", "push", "--policy", "pitr", str(got)).returncode == 0
+    changed = bytearray(data)
+    changed[-1] ^= 0xFF
+    got.write_bytes(bytes(changed))
+    res = scenario.drbot("wal", "push", "--policy", "pitr", str(got))
+    assert res.returncode == 13, res.stderr
+    assert "different content" in res.stderr
+    # a segment stored under another segment's name is caught when fetched: exit 255 stops
+    # recovery instead of letting the server replay the wrong WAL
+    renamed = scenario.base / (name[:16] + "000000F0")
+    renamed.write_bytes(data)
+    assert scenario.drbot("wal", "push", "--policy", "pitr", str(renamed)).returncode == 0
+    res = scenario.drbot("wal", "fetch", "--policy", "pitr", renamed.name, str(scenario.base / "x"))
+    assert res.returncode == 255, res.stderr
+    assert "holds the wrong WAL" in res.stderr
+    # a file the archive does not have: exit 1, the normal end of recovery
+    res = scenario.drbot("wal", "fetch", "--policy", "pitr", "00000009.history", str(got))
+    assert res.returncode == 1, res.stderr
+    res = scenario.drbot("wal", "push", "--policy", "pitr", str(scenario.base / "pitr.key"))
+    assert res.returncode == 2, res.stderr  # not a WAL file name: refused, not "archived"
+    for client, bucket in _Archive(scenario).clients:
+        client.delete_object(Bucket=bucket, Key=f"pitr/pitr/wal/00000001/{renamed.name}.zst.enc")
+
+
 def test_after_failover_streaming_continues_on_the_new_timeline(scenario: Scenario) -> None:
     # The old primary is gone: its streamer stops. A restore of it, promoted, takes over.
     assert scenario.streamer is not None

@@ -15,14 +15,14 @@ from drbot.errors import IntegrityFailure
 DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
 PAGE_MAGIC_PG15 = 0xD110
 _LONG_HEADER = 0x0002
-_SEGMENT_RE = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})$")
-_HISTORY_RE = re.compile(r"^([0-9A-F]{8})\.history$")
-_LSN_RE = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
+_SEGMENT_RE = re.compile(r"([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})")
+_HISTORY_RE = re.compile(r"([0-9A-F]{8})\.history")
+_LSN_RE = re.compile(r"([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})")
 
 
 def parse_lsn(text: str) -> int:
     """'16/B374D848' -> int; ValueError naming the text otherwise."""
-    m = _LSN_RE.match(text.strip())
+    m = _LSN_RE.fullmatch(text.strip())
     if not m:
         raise ValueError(f"not a WAL position (expected like 0/16B3748): {text!r}")
     return (int(m.group(1), 16) << 32) | int(m.group(2), 16)
@@ -60,7 +60,7 @@ def segment_of(timeline: int, lsn: int, segment_size: int = DEFAULT_SEGMENT_SIZE
 
 def parse_segment_name(name: str, segment_size: int = DEFAULT_SEGMENT_SIZE) -> Segment | None:
     """'000000010000000000000002' -> Segment(1, 2); None if `name` is not a segment file name."""
-    m = _SEGMENT_RE.match(name)
+    m = _SEGMENT_RE.fullmatch(name)
     if not m:
         return None
     per_id = 0x100000000 // segment_size
@@ -75,7 +75,7 @@ def history_file_name(timeline: int) -> str:
 
 
 def parse_history_file_name(name: str) -> int | None:
-    m = _HISTORY_RE.match(name)
+    m = _HISTORY_RE.fullmatch(name)
     return int(m.group(1), 16) if m else None
 
 
