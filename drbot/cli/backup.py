@@ -120,13 +120,20 @@ def command(policy_name: str, backup_type: str, policies_dir: Path | None, as_js
                 "destinations": list(result.destinations_ok),
                 "failed_destinations": result.destinations_failed,
                 "databases": list(result.databases),
+                "positions": result.positions or None,
             }
         )
     else:
         stored = max(result.stored_bytes.values(), default=0)
+        what = (
+            f"cluster on timeline {result.positions['timeline']}, WAL "
+            f"{result.positions['start_lsn']}..{result.positions['stop_lsn']}"
+            if result.positions
+            else f"{len(result.databases)} database(s)"
+        )
         click.echo(
-            f"Backup {result.backup_id} of {policy.name}: {len(result.databases)} database(s), "
-            f"{human_bytes(result.plaintext_bytes)} dumped, {human_bytes(stored)} stored "
+            f"Backup {result.backup_id} of {policy.name}: {what}, "
+            f"{human_bytes(result.plaintext_bytes)} read, {human_bytes(stored)} stored "
             f"encrypted in {', '.join(result.destinations_ok)} ({duration:.1f}s)"
         )
     if result.partial:

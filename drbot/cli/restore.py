@@ -201,6 +201,12 @@ def command(
         return
     if at or lsn or latest or start or port or run_as:
         raise UsageError("--at, --lsn, --latest, --start, --port and --run-as go with --to-dir")
+    if policy.source.mode == "physical":
+        raise UsageError(
+            f"policy {policy.name} takes physical backups of the whole cluster; they restore "
+            "into a data directory, not into a database",
+            hint=f"drbot restore --policy {policy.name} --to-dir /path/to/new/datadir --start",
+        )
     assert target_uri is not None
     storages = build.build_storages(policy)
     if from_destination is not None and from_destination not in {s.name for s in storages}:

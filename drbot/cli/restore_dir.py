@@ -20,7 +20,7 @@ from drbot.cli.common import (
 )
 from drbot.engines.postgres.wal import Switch, parse_lsn
 from drbot.errors import DrbotError, UsageError
-from drbot.ops.pitr import PitrPlan, Target, plan_pitr
+from drbot.ops.pitr import PitrPlan, Target, ensure_empty_target, plan_pitr
 from drbot.ops.walstore import KeyCache, read_history, scan_wal
 from drbot.settings import Settings
 from drbot.storage.base import Storage
@@ -132,6 +132,7 @@ def restore_to_dir(
     trail = audit_trail(settings)
     subject: dict[str, Any] = {"target_dir": str(target_dir), "target": target.describe()}
     with recording_failure(trail, "restore.refused", policy=policy.name, subject=subject):
+        ensure_empty_target(target_dir)
         scan = scan_catalog(policy.name, storages, provider)
         for dest, exc in scan.unreachable.items():
             stderr.print(f"Warning: destination {dest} unreachable: {exc}")

@@ -44,6 +44,7 @@ def record_backup(trail: AuditSink, policy: str, result: BackupResult, backup_ty
             "manifest_sha256": result.manifest_sha256,
             "destinations_ok": list(result.destinations_ok),
             "destinations_failed": result.destinations_failed,
+            "positions": result.positions or None,
         },
     )
 
