@@ -508,3 +508,44 @@ def test_json_schema_rejects_unknown_and_malformed_fields() -> None:
         node[key] = value
         with pytest.raises(jsonschema.ValidationError):
             validator.validate(data)
+
+
+# --- physical and logical modes -------------------------------------------------------------
+
+
+def test_mode_combinations_that_cannot_work_are_refused_with_the_field(tmp_path: Path) -> None:
+    """Physical copies the whole cluster; WAL needs physical; MongoDB is logical only."""
+    data = shop_data()
+    data["source"]["databases"] = ["shop"]  # physical by default
+    problems = "\n".join(problems_of(write(tmp_path, "a.yaml", data)))
+    assert "source.databases: a physical backup copies the whole cluster" in problems
+
+    data = shop_data()
+    data["source"]["mode"] = "logical"  # shop.yaml streams WAL
+    problems = "\n".join(problems_of(write(tmp_path, "b.yaml", data)))
+    assert "schedule.incremental: PostgreSQL incrementals are WAL" in problems
+
+    data = shop_data()
+    data["source"] = {"kind": "mongodb", "uri": "mongodb://h/db", "mode": "physical"}
+    data["drill"].pop("checks", None)
+    problems = "\n".join(problems_of(write(tmp_path, "c.yaml", data)))
+    assert "source.mode: mongodb sources are backed up logically only" in problems
+
+    data = shop_data()
+    data["source"]["slot"] = "Drbot-Slot"
+    problems = "\n".join(problems_of(write(tmp_path, "d.yaml", data)))
+    assert "source.slot" in problems
+
+
+def test_mongodb_defaults_to_logical_and_slot_names_are_valid_identifiers() -> None:
+    data = shop_data()
+    data["encryption"]["key"] = "file:/etc/drbot/keys/shop.key"
+    data["source"] = {"kind": "mongodb", "uri": "mongodb://h/db"}
+    data["schedule"].pop("incremental", None)
+    data["drill"].pop("checks", None)
+    assert Policy.model_validate(data).source.mode == "logical"
+    data = shop_data()
+    data["encryption"]["key"] = "file:/etc/drbot/keys/shop.key"
+    data["name"] = "shop-eu"
+    data["source"]["uri"] = "postgresql:///db?host=/run/pg"
+    assert Policy.model_validate(data).wal_slot == "drbot_shop_eu"
