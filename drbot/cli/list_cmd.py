@@ -31,12 +31,15 @@ def _windows(policy: Any, scan: CatalogScan) -> dict[str, dict[str, Any]]:
         return {}
     from drbot.cli.restore_dir import load_histories
     from drbot.engines.postgres.wal import format_lsn
-    from drbot.ops.pitr import restorable_window
-    from drbot.ops.walstore import KeyCache, scan_wal
+    from drbot.ops.pitr import restorable_window, segment_size_of
+    from drbot.ops.walstore import KeyCache, scan_wal, with_heartbeats
 
     storages = build.build_storages(policy)
-    wal = scan_wal(policy.name, storages)
-    histories = load_histories(policy.name, storages, KeyCache(build.build_keys(policy)))
+    keys = KeyCache(build.build_keys(policy))
+    wal = with_heartbeats(
+        scan_wal(policy.name, storages, segment_size_of(scan)), policy.name, storages, keys
+    )
+    histories = load_histories(policy.name, storages, wal, keys)
     out: dict[str, dict[str, Any]] = {}
     for b in physical:
         w = restorable_window(b, wal, histories)

@@ -20,8 +20,15 @@ from drbot.cli.common import (
 )
 from drbot.engines.postgres.wal import Switch, parse_lsn
 from drbot.errors import DrbotError, UsageError
-from drbot.ops.pitr import PitrPlan, Target, ensure_empty_target, plan_pitr
-from drbot.ops.walstore import KeyCache, read_history, scan_wal
+from drbot.ops.pitr import (
+    PitrPlan,
+    Target,
+    ensure_empty_target,
+    plan_pitr,
+    segment_size_of,
+)
+from drbot.ops.pitr_exec import PitrResult
+from drbot.ops.walstore import KeyCache, WalScan, read_history, scan_wal, with_heartbeats
 from drbot.settings import Settings
 from drbot.storage.base import Storage
 
@@ -48,9 +55,10 @@ def parse_target(at: str | None, lsn: str | None, latest: bool) -> Target:
     return Target("latest")
 
 
-def load_histories(policy: str, storages: list[Storage], keys: KeyCache) -> dict[int, list[Switch]]:
+def load_histories(
+    policy: str, storages: list[Storage], wal: WalScan, keys: KeyCache
+) -> dict[int, list[Switch]]:
     """Every timeline history file in the archive (from the first destination that opens it)."""
-    wal = scan_wal(policy, storages)
     timelines = sorted({t for inv in wal.inventories.values() for t in inv.histories})
     out: dict[int, list[Switch]] = {}
     for tli in timelines:
@@ -126,7 +134,7 @@ def restore_to_dir(
             f"policy {policy.name} takes logical backups; restore them with --to URI",
             hint=f"drbot restore --policy {policy.name} --to postgresql://.../db",
         )
-    storages = build.build_storages(policy)
+    storages = _destinations(policy, from_destination)
     provider = build.build_keys(policy)
     keys = KeyCache(provider)
     trail = audit_trail(settings)
@@ -136,16 +144,24 @@ def restore_to_dir(
         scan = scan_catalog(policy.name, storages, provider)
         for dest, exc in scan.unreachable.items():
             stderr.print(f"Warning: destination {dest} unreachable: {exc}")
-        wal = scan_wal(policy.name, storages)
+        wal = with_heartbeats(
+            scan_wal(policy.name, storages, segment_size_of(scan)), policy.name, storages, keys
+        )
         plan = plan_pitr(
             scan,
             wal,
-            load_histories(policy.name, storages, keys),
+            load_histories(policy.name, storages, wal, keys),
             policy=policy.name,
             target=target,
             from_destination=from_destination,
         )
-        user = resolve_run_as(target_dir.absolute(), run_as)
+        try:
+            user = resolve_run_as(target_dir.absolute(), run_as)
+        except UsageError as exc:
+            if not dry_run:
+                raise
+            user = None
+            stderr.print(f"Warning: a real restore would stop here: {exc.message}")
     subject["backup_id"] = plan.backup_id
     trail.record(
         "restore.planned",
@@ -188,17 +204,40 @@ def restore_to_dir(
         "timeline": result.timeline,
         "elapsed_s": round(result.elapsed_s, 3),
         "run_as": result.run_as,
+        "replayed_all": result.replayed_all,
     }
     trail.record("restore.completed", policy=policy.name, subject=subject, details=out)
     if as_json:
         print_json({"plan": plan_json(plan), **out})
-        return
+    else:
+        _print_result(plan, result, target)
+
+
+def _destinations(policy: Any, from_destination: str | None) -> list[Storage]:
+    storages = build.build_storages(policy)
+    if from_destination is None:
+        return storages
+    # --from means only from there: base backup and WAL alike, as a drill of that copy.
+    chosen = [s for s in storages if s.name == from_destination]
+    if not chosen:
+        names = ", ".join(s.name for s in storages)
+        raise UsageError(f"policy {policy.name} has no destination {from_destination!r} ({names})")
+    return chosen
+
+
+def _print_result(plan: PitrPlan, result: PitrResult, target: Target) -> None:
     if result.started:
+        point = result.restore_point.isoformat() if result.restore_point else None
         click.echo(
             f"Restored {plan.backup_id} into {result.data_dir} and promoted it in "
             f"{result.elapsed_s:.1f}s; last replayed commit: "
-            f"{out['restore_point'] or 'none after the base backup'}."
+            f"{point or 'none after the base backup'}."
         )
+        if result.replayed_all:
+            click.echo(
+                f"No commit after {target.describe()} was in the archive, so all of it was "
+                "replayed: the state at that moment."
+            )
         click.echo(
             f"The server is running on 127.0.0.1:{result.port} (timeline {result.timeline})."
         )

@@ -115,6 +115,7 @@ def stream(policy_name: str, policies_dir: Path | None) -> None:
         shipper,
         on_gap=on_gap,
     )
+    interrupted = False
     with (
         recording_failure(trail, "wal.stream_failed", policy=policy.name, subject=subject),
         policy_lock(settings.state_dir, f"{policy.name}.wal"),
@@ -128,15 +129,20 @@ def stream(policy_name: str, policies_dir: Path | None) -> None:
         try:
             streamer.run(stop)
         except KeyboardInterrupt:
-            stop.set()
-            trail.record(
-                "wal.stream_stopped",
-                policy=policy.name,
-                subject=subject,
-                outcome="info",
-                details={"segments": streamer.state.segments_shipped},
-            )
-            raise
+            # The streamer shipped what it held while unwinding; a stop is not a failure.
+            interrupted = True
+    if interrupted:
+        trail.record(
+            "wal.stream_stopped",
+            policy=policy.name,
+            subject=subject,
+            outcome="info",
+            details={
+                "segments": streamer.state.segments_shipped,
+                "archived_lsn": streamer.state.archived_lsn,
+            },
+        )
+        raise KeyboardInterrupt
 
 
 @command.command("fetch")
@@ -176,6 +182,9 @@ def fetch(
         sys.exit(1)
     except DrbotError as exc:
         click.echo(f"drbot: Error: {exc.message}", err=True)
+        sys.exit(255)
+    except Exception as exc:
+        click.echo(f"drbot: Error: {exc.__class__.__name__}: {exc}", err=True)
         sys.exit(255)
 
 
@@ -239,7 +248,7 @@ def push(path: Path, policy_name: str, policies_dir: Path | None) -> None:
     missing: list[str] = []
     for storage in storages:
         try:
-            existing = fetch_wal_file(policy.name, name, [storage], cache)
+            existing = fetch_wal_file(policy.name, name, [storage], cache, partial_ok=False)
         except NotInArchive:
             missing.append(storage.name)
             continue

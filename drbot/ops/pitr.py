@@ -28,6 +28,7 @@ import structlog
 
 from drbot.catalog import BackupEntry, CatalogScan
 from drbot.engines.postgres.wal import (
+    DEFAULT_SEGMENT_SIZE,
     Segment,
     Switch,
     format_lsn,
@@ -128,6 +129,14 @@ def _union(wal: WalScan) -> tuple[dict[Segment, int], dict[Segment, int], dict[S
     return full, partial, {**partial_times, **full_times}
 
 
+def segment_size_of(scan: CatalogScan) -> int:
+    """The WAL segment size of a policy's cluster, from its newest physical backup."""
+    physical = [b for b in scan.backups if b.manifest.mode == "physical"]
+    if not physical:
+        return DEFAULT_SEGMENT_SIZE
+    return int(physical[-1].manifest.positions.get("segment_size", DEFAULT_SEGMENT_SIZE))
+
+
 def descendant_timeline(base_tli: int, stop_lsn: int, histories: dict[int, list[Switch]]) -> int:
     """The newest timeline that continues `base_tli` after `stop_lsn` (recovery's 'latest')."""
     best = base_tli
@@ -171,14 +180,20 @@ def restorable_window(
         else:
             break
         number += 1
+    # A heartbeat says the archive was current at its time: if it was written while this
+    # path's end was the archive's end (its position falls in the segment where the path stops),
+    # the window reaches its time even if no WAL was written since.
+    here = Segment(timeline_of((number + 1) * size - 1, tli, switches), number)
+    for beat in wal.heartbeats:
+        if (beat.timeline, beat.lsn // size) == (here.timeline, here.number) and files:
+            end_time = max(end_time, beat.time)
     # WAL on this path beyond where it stops means a hole, not the end of the archive. (The
     # parent timeline going on past the switch is another history, not later WAL.)
     later = any(
         s.number > number and s.timeline == timeline_of(s.end_lsn(size) - 1, tli, switches)
         for s in (*full, *partial)
     )
-    missing = Segment(timeline_of((number + 1) * size - 1, tli, switches), number)
-    gap = missing.name(size) if later else None
+    gap = here.name(size) if later else None
     limit = (number + 1) * size if is_partial else end_lsn
     return Window(tli, tuple(files), end_time, end_lsn, is_partial, gap, limit)
 
@@ -224,7 +239,9 @@ def plan_pitr(
     if from_destination in sources:
         sources.remove(from_destination)
         sources.insert(0, from_destination)
-    needed = tuple(history_file_name(t) for t in sorted(histories) if t <= window.timeline)
+    # Every history file, not only this path's: at promotion the server picks a timeline id
+    # above all it can see, so it never reuses one another branch already has in the archive.
+    needed = tuple(history_file_name(t) for t in sorted(histories))
     return PitrPlan(
         policy=policy,
         backup_id=entry.backup_id,

@@ -11,6 +11,7 @@ the server is stopped and the directory removed: no promoted server from a bad r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import pwd
 import shlex
@@ -34,6 +35,7 @@ from drbot.errors import DatabaseError, IntegrityFailure, NoRestorePoint, UsageE
 from drbot.ops.pitr import (
     PitrPlan,
     SpoolFiller,
+    Target,
     ensure_empty_target,
     recovery_settings,
     unpack_base,
@@ -56,6 +58,10 @@ _RESET_AFTER = (
 )
 
 
+class TargetBeyondWal(NoRestorePoint):
+    """Recovery used up the WAL without finding a commit after the target time."""
+
+
 @dataclass(frozen=True)
 class PitrResult:
     data_dir: Path
@@ -67,6 +73,8 @@ class PitrResult:
     timeline: int | None = None
     spool: Path | None = None
     run_as: str | None = None
+    replayed_all: bool = False
+    """A time target after the archive's last commit: everything was replayed instead."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,18 @@ def resolve_run_as(target_dir: Path, run_as: str | None) -> str | None:
             f"{target_dir} would make PostgreSQL run as root, which it refuses",
             hint="pass --run-as USER (e.g. --run-as postgres), or restore into a directory "
             "that user owns",
+        )
+    # The server and its restore_command run as that user: it must reach the directory.
+    reach = subprocess.run(
+        ["runuser", "-u", run_as, "--", "test", "-x", str(target_dir.parent)],
+        capture_output=True,
+        check=False,
+    )
+    if reach.returncode != 0:
+        raise UsageError(
+            f"the server would run as {run_as}, who cannot reach {target_dir.parent}",
+            hint=f"let {run_as} traverse every directory on that path (chmod o+x), or "
+            "restore somewhere it can reach",
         )
     return run_as
 
@@ -168,14 +188,51 @@ def execute_pitr(
         raise
     log.info("restore.unpacked", data_dir=str(target_dir), source=source, backup_id=plan.backup_id)
     if start is None:
-        filler.run()
+        try:
+            filler.run()
+        except BaseException:
+            filler.failures.setdefault("(interrupted)", "the restore was interrupted")
+            raise
+        finally:
+            if filler.failures:
+                # Without all its WAL the directory would recover to less than was asked.
+                shutil.rmtree(target_dir, ignore_errors=True)
+                shutil.rmtree(spool, ignore_errors=True)
         if filler.failures:
             name, why = next(iter(filler.failures.items()))
             raise IntegrityFailure(f"WAL file {name} could not be fetched: {why}")
         return PitrResult(
             target_dir, source, time.monotonic() - t0, started=False, spool=spool, run_as=run_as
         )
-    return _start_and_recover(plan, target_dir, spool, filler, source, start, bin_dir, run_as, t0)
+    try:
+        return _start_and_recover(
+            plan, target_dir, spool, filler, source, start, bin_dir, run_as, t0
+        )
+    except TargetBeyondWal:
+        # PostgreSQL stops at the first commit after the target; with none in the archive it
+        # fails even though all WAL up to the target is there. The archive was written after
+        # the target (plan_pitr checked), so replaying all of it gives the state at the target.
+        t = plan.target
+        if (
+            t.kind != "time"
+            or t.time is None
+            or plan.window_end is None
+            or t.time > plan.window_end
+        ):
+            raise
+        log.warning("restore.target_after_last_commit", target=t.describe())
+        again = execute_pitr(
+            dataclasses.replace(plan, target=Target("latest")),
+            scan,
+            storages,
+            keys,
+            target_dir,
+            bin_dir=bin_dir,
+            start=start,
+            run_as=run_as,
+            progress=progress,
+        )
+        return dataclasses.replace(again, replayed_all=True, elapsed_s=time.monotonic() - t0)
 
 
 def _start_and_recover(
@@ -220,6 +277,7 @@ def _start_and_recover(
         runner.run("pg_ctl", "-D", str(data_dir), "-m", "immediate", "-w", "stop")
         if not promoted:
             shutil.rmtree(data_dir, ignore_errors=True)
+        shutil.rmtree(sockets, ignore_errors=True)
         raise
     finally:
         filler.stop.set()
@@ -284,7 +342,7 @@ def _wait_promoted(uri: str, data_dir: Path, logfile: Path, filler: SpoolFiller)
                     hint="restore from another destination with --from, or to an earlier point",
                 )
             if "before configured recovery target was reached" in tail:
-                raise NoRestorePoint(
+                raise TargetBeyondWal(
                     f"the WAL ends before the recovery target; the server said:\n{tail}"
                 )
             raise DatabaseError(f"the restored server stopped during recovery:\n{tail}")

@@ -36,7 +36,6 @@ from drbot.storage.base import Storage
 
 log = structlog.get_logger(__name__)
 
-INVENTORY = "inventory.json"
 FAILED_SUFFIX = ".failed"
 
 
@@ -66,8 +65,11 @@ def fetch_wal_file(
     *,
     system_identifier: int = 0,
     segment_size: int = DEFAULT_SEGMENT_SIZE,
+    partial_ok: bool = True,
 ) -> bytes:
     """The content of WAL file `name`, checked, as the server should receive it.
+
+    With `partial_ok` false, only a complete segment counts (a streamer's `.partial` is not it).
 
     Destinations are tried in order; a damaged or unreachable copy falls back to the next.
     `NotInArchive` if no reachable destination has it; otherwise, when every copy failed,
@@ -76,6 +78,8 @@ def fetch_wal_file(
     errors: list[DrbotError] = []
     segment = parse_segment_name(name, segment_size)
     for key, partial in candidate_keys(policy, name, segment_size):
+        if partial and not partial_ok:
+            continue
         for storage in storages:
             try:
                 data = read_wal_object(storage, key, keys)

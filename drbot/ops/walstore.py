@@ -10,6 +10,8 @@ an integrity failure, not silently replayed.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -20,9 +22,11 @@ from drbot.engines.postgres.wal import (
     DEFAULT_SEGMENT_SIZE,
     Segment,
     Switch,
+    format_lsn,
     history_file_name,
     parse_history,
     parse_history_file_name,
+    parse_lsn,
     parse_segment_name,
 )
 from drbot.errors import DrbotError, IntegrityFailure, StorageUnavailable
@@ -123,6 +127,7 @@ class WalInventory:
     segments: dict[Segment, ObjectInfo] = field(default_factory=dict)
     partials: dict[Segment, ObjectInfo] = field(default_factory=dict)
     histories: dict[int, ObjectInfo] = field(default_factory=dict)
+    heartbeat: ObjectInfo | None = None
 
     def newest_time(self) -> datetime | None:
         times = [o.modified_at for o in (*self.segments.values(), *self.partials.values())]
@@ -138,6 +143,9 @@ def list_wal(
         parsed = layout.parse_wal_key(policy, obj.key)
         if parsed is None:
             continue
+        if parsed.kind == "heartbeat":
+            inv.heartbeat = obj
+            continue
         if parsed.kind == "history":
             tli = parse_history_file_name(parsed.name)
             if tli is not None:
@@ -151,11 +159,39 @@ def list_wal(
 
 
 @dataclass(frozen=True)
+class Heartbeat:
+    """At `time`, every WAL byte up to `lsn` on `timeline` was archived and the streamer had
+    received all the server had written: the archive was current then."""
+
+    time: datetime
+    timeline: int
+    lsn: int
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {"time": self.time.isoformat(), "timeline": self.timeline, "lsn": format_lsn(self.lsn)}
+        ).encode()
+
+
+def read_heartbeat(policy: str, storage: Storage, keys: KeyCache) -> Heartbeat | None:
+    """The destination's heartbeat, authenticated; None if absent or unreadable (logged)."""
+    try:
+        doc = json.loads(read_wal_object(storage, layout.wal_heartbeat_key(policy), keys))
+        return Heartbeat(
+            datetime.fromisoformat(doc["time"]), int(doc["timeline"]), parse_lsn(doc["lsn"])
+        )
+    except (DrbotError, ValueError, KeyError, TypeError) as exc:
+        log.warning("wal.heartbeat_unreadable", destination=storage.name, error=str(exc))
+        return None
+
+
+@dataclass(frozen=True)
 class WalScan:
     """The WAL archive across destinations."""
 
     inventories: dict[str, WalInventory]
     unreachable: dict[str, StorageUnavailable]
+    heartbeats: tuple[Heartbeat, ...] = ()
 
 
 def scan_wal(
@@ -191,3 +227,17 @@ def safe_delete(storage: Storage, key: str) -> None:
         storage.delete(key)
     except DrbotError as exc:
         log.warning("wal.delete_failed", destination=storage.name, key=key, error=str(exc))
+
+
+def with_heartbeats(
+    wal: WalScan, policy: str, storages: Sequence[Storage], keys: KeyCache
+) -> WalScan:
+    """`wal` with the heartbeats of the destinations that have one (read and authenticated)."""
+    beats = []
+    for storage in storages:
+        inv = wal.inventories.get(storage.name)
+        if inv is not None and inv.heartbeat is not None:
+            beat = read_heartbeat(policy, storage, keys)
+            if beat is not None:
+                beats.append(beat)
+    return dataclasses.replace(wal, heartbeats=tuple(beats))

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import structlog
 
@@ -34,8 +35,8 @@ from drbot.engines.postgres.wal import (
     parse_history,
     timeline_of,
 )
-from drbot.errors import DatabaseError, DrbotError, SourceUnavailable
-from drbot.ops.walstore import WalShipper, list_wal, safe_delete
+from drbot.errors import DatabaseError, DrbotError, SourceUnavailable, StorageUnavailable
+from drbot.ops.walstore import Heartbeat, WalShipper, list_wal, safe_delete
 from drbot.storage import layout
 from drbot.storage.base import Storage
 
@@ -113,7 +114,7 @@ class WalStreamer:
             try:
                 self.run_session(stop)
                 delay = 1.0
-            except SourceUnavailable as exc:
+            except (SourceUnavailable, StorageUnavailable) as exc:
                 self.state.connected = False
                 log.warning("wal.stream_interrupted", policy=self.settings.policy, error=str(exc))
                 stop.wait(delay)
@@ -216,6 +217,14 @@ class WalStreamer:
     def _stream(self, repl: ReplicationConnection, segment: Segment, stop: threading.Event) -> None:
         cur = _Current(segment, self._segment_size)
         self.state.archived_lsn = cur.start
+        try:
+            self._loop(repl, cur, stop)
+        except KeyboardInterrupt:
+            # Ctrl-C / SIGTERM: what was received still goes to the archive before exiting.
+            self._ship_partial(cur)
+            raise
+
+    def _loop(self, repl: ReplicationConnection, cur: _Current, stop: threading.Event) -> None:
         last_partial = last_status = time.monotonic()
         while not stop.is_set():
             for msg in repl.messages(timeout=0.5):
@@ -224,6 +233,10 @@ class WalStreamer:
                 elif isinstance(msg, Keepalive):
                     self.state.server_lsn = max(self.state.server_lsn, msg.server_end_lsn)
                     if msg.reply_requested:
+                        # Caught up and asked (a shutting-down server waits for this): store
+                        # what we hold now, so the server need not wait for the interval.
+                        if msg.server_end_lsn <= cur.end:
+                            self._ship_partial(cur, repl)
                         repl.send_status(self.state.received_lsn, self.state.archived_lsn)
                 elif isinstance(msg, TimelineEnd):
                     # The server was promoted: what we hold is this timeline's final piece.
@@ -240,7 +253,10 @@ class WalStreamer:
                     break
             now = time.monotonic()
             if now - last_partial >= self.settings.partial_interval_s:
-                self._ship_partial(cur)
+                if len(cur.buf) > cur.partial_len:
+                    self._ship_partial(cur, repl)
+                elif self.state.server_lsn <= cur.end:
+                    self._heartbeat(cur)
                 last_partial = now
             if now - last_status >= _STATUS_EVERY_S:
                 repl.send_status(self.state.received_lsn, self.state.archived_lsn)
@@ -311,7 +327,12 @@ class WalStreamer:
         self.state.segments_shipped += 1
         log.info("wal.segment_archived", policy=self.settings.policy, segment=name)
 
-    def _ship_partial(self, cur: _Current) -> None:
+    def _ship_partial(self, cur: _Current, repl: ReplicationConnection | None = None) -> None:
+        """Store the segment so far everywhere; then (with `repl`) report it flushed.
+
+        Reporting a position inside the segment is safe: the server keeps the whole segment
+        that holds the slot's position, and a restart resumes at that segment's start.
+        """
         if len(cur.buf) <= cur.partial_len:
             return
         name = cur.segment.name(self._segment_size)
@@ -319,6 +340,10 @@ class WalStreamer:
         failed = self.shipper.put(key, bytes(cur.buf))
         if not failed:
             cur.partial_len = len(cur.buf)
+            self.state.partials_shipped += 1
+            self.state.archived_lsn = cur.end
+            if repl is not None:
+                repl.send_status(self.state.received_lsn, cur.end)
         for destination, why in failed.items():
             # The next interval tries again; the complete segment will follow in any case.
             log.warning(
@@ -328,13 +353,24 @@ class WalStreamer:
                 segment=name,
                 error=why,
             )
-        self.state.partials_shipped += 1
         log.debug(
             "wal.partial_archived",
             policy=self.settings.policy,
             segment=name,
             upto=format_lsn(cur.end),
         )
+
+    def _heartbeat(self, cur: _Current) -> None:
+        """Nothing new and all of it archived: say so, so restores may target this moment."""
+        beat = Heartbeat(datetime.now(UTC), cur.segment.timeline, cur.end)
+        failed = self.shipper.put(layout.wal_heartbeat_key(self.settings.policy), beat.encode())
+        for destination, why in failed.items():
+            log.warning(
+                "wal.heartbeat_failed",
+                policy=self.settings.policy,
+                destination=destination,
+                error=why,
+            )
 
 
 class _Current:

@@ -136,6 +136,8 @@ def parse_audit_anchor_key(trail_id: str, key: str) -> int | None:
 #   <policy>/wal/<TLI>/<segment>.zst.enc           a complete segment
 #   <policy>/wal/<TLI>/<segment>.partial.zst.enc   the unfinished segment, as far as it was shipped
 #   <policy>/wal/history/<TLI>.history.zst.enc     a timeline history file
+#   <policy>/wal/heartbeat.zst.enc                  {"time", "timeline", "lsn"}: all WAL up to
+#                                                   lsn was archived and the streamer was caught up
 #
 # Segment and history names are PostgreSQL's own (24 / 8 upper-case hex digits), so a key's
 # name part is exactly the file name PostgreSQL asks `restore_command` for.
@@ -151,6 +153,14 @@ def wal_prefix(policy: str) -> str:
 def wal_segment_key(policy: str, segment_name: str, *, partial: bool = False) -> str:
     suffix = ".partial" if partial else ""
     return f"{wal_prefix(policy)}{segment_name[:8]}/{segment_name}{suffix}{ARTIFACT_SUFFIX}"
+
+
+WAL_HEARTBEAT = "heartbeat"
+
+
+def wal_heartbeat_key(policy: str) -> str:
+    """The streamer's note that the archive was current at a time (see docs/postgres-physical)."""
+    return f"{wal_prefix(policy)}{WAL_HEARTBEAT}{ARTIFACT_SUFFIX}"
 
 
 def wal_history_key(policy: str, history_name: str) -> str:
@@ -171,6 +181,8 @@ def parse_wal_key(policy: str, key: str) -> WalKey | None:
     if not key.startswith(prefix):
         return None
     rest = key[len(prefix) :]
+    if rest == f"{WAL_HEARTBEAT}{ARTIFACT_SUFFIX}":
+        return WalKey("heartbeat", WAL_HEARTBEAT)
     m = _WAL_SEGMENT_RE.fullmatch(rest)
     if m and m.group(2).startswith(m.group(1)):
         return WalKey("partial" if m.group(3) else "segment", m.group(2))

@@ -67,14 +67,24 @@ class Writer(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
-        try:
-            with psycopg.connect(self.uri, autocommit=True) as conn:
-                while not self.stop.is_set():
-                    self.seq += 1
-                    conn.execute("INSERT INTO counter (seq) VALUES (%s)", (self.seq,))
-                    time.sleep(0.01)
-        except BaseException as exc:  # surfaced by the test
-            self.error = exc
+        deadline = 0.0
+        while not self.stop.is_set():
+            try:
+                with psycopg.connect(self.uri, autocommit=True) as conn:
+                    while not self.stop.is_set():
+                        conn.execute("INSERT INTO counter (seq) VALUES (%s)", (self.seq + 1,))
+                        self.seq += 1
+                        time.sleep(0.01)
+            except psycopg.OperationalError as exc:
+                # the source restarting: keep trying for a while, as an application would
+                deadline = deadline or time.monotonic() + 30
+                if time.monotonic() > deadline:
+                    self.error = exc
+                    return
+                time.sleep(0.2)
+            except BaseException as exc:  # surfaced by the test
+                self.error = exc
+                return
 
 
 @dataclass
@@ -204,7 +214,13 @@ def scenario(s3_server: S3Server) -> Iterator[Scenario]:
         sc.start_streamer()
         time.sleep(3)
         sc.marks["after_restart"] = datetime.now(UTC)
-        time.sleep(3)
+        time.sleep(2)
+        # The database restarts under the streamer: it reconnects and resumes without a gap.
+        pg.stop()
+        pg.start()
+        time.sleep(4)
+        sc.marks["after_db_restart"] = datetime.now(UTC)
+        time.sleep(2)
         yield sc
     finally:
         writer.stop.set()
@@ -282,6 +298,10 @@ def test_pitr_across_the_killed_streamer(scenario: Scenario) -> None:
     assert json.loads(plan.stdout)["plan"]["gap"] is None
 
 
+def test_pitr_after_the_source_restarted_under_the_streamer(scenario: Scenario) -> None:
+    _pitr_exactly(scenario, scenario.marks["after_db_restart"])
+
+
 def test_pitr_inside_the_newest_partial_segment(scenario: Scenario) -> None:
     scenario.writer.stop.set()
     scenario.writer.join(timeout=10)
@@ -290,6 +310,19 @@ def test_pitr_inside_the_newest_partial_segment(scenario: Scenario) -> None:
     # a moment between two commits, a few rows before the end
     at = commits[-5][1] + (commits[-4][1] - commits[-5][1]) / 2
     _pitr_exactly(scenario, at)
+
+
+def test_pitr_to_a_quiet_moment_after_the_last_commit(scenario: Scenario) -> None:
+    # The writer has stopped (previous test) and the archive was written since: a moment after
+    # the last commit is covered, although no commit after it exists for recovery to stop at.
+    commits = scenario.commits()
+    at = commits[-1][1] + timedelta(seconds=1)
+    res, target = scenario.restore("--at", at.isoformat())
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["replayed_all"] is True
+    assert scenario.restored_seqs(out["port"]) == {s for s, _ in commits}
+    scenario.stop_restored(target)
 
 
 def test_verify_passes_and_list_shows_how_far_each_backup_restores(scenario: Scenario) -> None:
@@ -470,3 +503,33 @@ def test_after_failover_streaming_continues_on_the_new_timeline(scenario: Scenar
     scenario.streamer.terminate()
     scenario.streamer.wait(timeout=60)
     scenario.stop_restored(promoted_dir)
+
+
+def test_a_lost_slot_is_a_gap_answered_with_a_new_full_backup(scenario: Scenario) -> None:
+    # Back on the original source, with the streamer stopped, the slot is dropped and the WAL
+    # it held is removed: the archive can never get it now.
+    scenario.env["SRC_URI"] = scenario.pg.uri()
+    if scenario.streamer is not None and scenario.streamer.poll() is None:
+        scenario.streamer.terminate()
+        scenario.streamer.wait(timeout=60)
+    before = json.loads(scenario.drbot("list", "--policy", "pitr", "--json").stdout)
+    scenario.pg.execute("postgres", "SELECT pg_drop_replication_slot('drbot_pitr')")
+    for _ in range(4):
+        scenario.pg.execute(
+            "postgres", "INSERT INTO counter (seq) VALUES (-1 - (random() * 1e9)::int)"
+        )
+        scenario.pg.execute("postgres", "SELECT pg_switch_wal()")
+        scenario.pg.execute("postgres", "CHECKPOINT")
+    scenario.start_streamer()
+    deadline = time.monotonic() + 60
+    after = before
+    while time.monotonic() < deadline and len(after) == len(before):
+        time.sleep(1)
+        after = json.loads(scenario.drbot("list", "--policy", "pitr", "--json").stdout)
+    assert len(after) == len(before) + 1, "no new full backup after the gap"
+    trail = json.loads(
+        scenario.drbot("audit", "show", "--policy", "pitr", "--json", "--last", "200").stdout
+    )
+    gaps = [e for e in trail if e["action"] == "wal.gap"]
+    assert gaps and gaps[-1]["outcome"] == "failed"
+    assert gaps[-1]["subject"]["first_missing"].startswith("00000001")

@@ -450,7 +450,12 @@ class PostgresEngine:
                             "slot, not drbot's physical one",
                             hint="choose another name with source.slot in the policy",
                         )
-                    return (parse_lsn(str(row[1])) if row[1] else None), False
+                    if row[1]:
+                        return parse_lsn(str(row[1])), False
+                    # Invalidated (max_slot_wal_keep_size): its WAL is gone. Start again; the
+                    # caller sees a new slot and reports the gap.
+                    log.error("wal.slot_invalidated", slot=name, where=self._conn.where())
+                    conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
                 created = conn.execute(
                     "SELECT lsn::text FROM pg_create_physical_replication_slot(%s, true)", (name,)
                 ).fetchone()

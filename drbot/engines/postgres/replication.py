@@ -12,12 +12,14 @@ escapes.
 
 from __future__ import annotations
 
+import functools
 import select
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import pq
@@ -70,6 +72,22 @@ class TimelineEnd:
 
 
 Message = WalData | Keepalive | TimelineEnd
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _translated(func: _F) -> _F:
+    """libpq calls raise psycopg errors when the connection drops: drbot's error instead."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except psycopg.Error as exc:
+            raise SourceUnavailable(f"replication connection lost: {exc}") from None
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _size_setting(text: str) -> int:
@@ -126,13 +144,16 @@ class ReplicationConnection:
         message = result.get_error_message(encoding="utf-8").strip()
         raise DatabaseError(f"the server refused {command.split(maxsplit=1)[0]}: {message}")
 
+    @_translated
     def identify_system(self) -> SystemInfo:
         row = self._command("IDENTIFY_SYSTEM")[0]
         return SystemInfo(int(str(row[0])), int(str(row[1])), parse_lsn(str(row[2])))
 
+    @_translated
     def segment_size(self) -> int:
         return _size_setting(str(self._command("SHOW wal_segment_size")[0][0]))
 
+    @_translated
     def timeline_history(self, timeline: int) -> tuple[str, bytes]:
         """The `<TLI>.history` file of `timeline` (file name, content)."""
         result = self._pg.exec_(f"TIMELINE_HISTORY {timeline}".encode())
@@ -144,6 +165,7 @@ class ReplicationConnection:
         name, content = result.get_value(0, 0), result.get_value(0, 1)
         return bytes(name or b"").decode(), bytes(content or b"")
 
+    @_translated
     def start(self, slot: str, start_lsn: int, timeline: int) -> None:
         """START_REPLICATION from `start_lsn` on `timeline` through `slot`."""
         lsn = f"{start_lsn >> 32:X}/{start_lsn & 0xFFFFFFFF:X}"
@@ -159,6 +181,12 @@ class ReplicationConnection:
 
     def messages(self, timeout: float) -> Iterator[Message]:
         """Messages that arrive within `timeout` seconds (none if nothing arrives)."""
+        try:
+            yield from self._messages(timeout)
+        except psycopg.Error as exc:
+            raise SourceUnavailable(f"WAL stream broke: {exc}") from None
+
+    def _messages(self, timeout: float) -> Iterator[Message]:
         deadline = time.monotonic() + timeout
         while True:
             n, buf = self._pg.get_copy_data(1)
@@ -209,6 +237,7 @@ class ReplicationConnection:
             raise SourceUnavailable("the server ended the WAL stream (shutting down?)")
         return TimelineEnd(next_timeline, next_lsn)
 
+    @_translated
     def send_status(self, written: int, flushed: int) -> None:
         """Tell the server what drbot has received (`written`) and stored (`flushed`).
 
