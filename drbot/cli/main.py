@@ -36,8 +36,9 @@ def cli() -> None:
       drbot demo                            see a whole backup/verify/restore cycle locally
       drbot policy validate                 check the policies in ./policies
       drbot backup --policy shop            take a full backup now
-      drbot list --policy shop              what can be restored
-      drbot restore --policy shop --to postgresql://localhost/shop_restored --dry-run
+      drbot wal stream --policy shop        archive WAL continuously (physical policies)
+      drbot list --policy shop              what can be restored, and to when
+      drbot restore --policy shop --to-dir /srv/pg/restored --at 2026-11-23T14:05:00Z --dry-run
     """
 
 
