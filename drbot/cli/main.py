@@ -19,6 +19,7 @@ log = structlog.get_logger(__name__)
 EXIT_UNEXPECTED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_STOP_RECOVERY = 255  # wal fetch: anything but "not archived" must stop PostgreSQL's recovery
 
 
 @click.group(
@@ -67,6 +68,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_INTERRUPTED)
     except click.ClickException as exc:
         exc.show()
+        args = sys.argv[1:] if argv is None else argv
+        if args[:2] == ["wal", "fetch"]:
+            # As restore_command, exit 2 would read as "not archived" and end recovery early.
+            sys.exit(EXIT_STOP_RECOVERY)
         sys.exit(EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code)
     except KeyboardInterrupt:
         click.echo("Interrupted; nothing incomplete was left looking complete.", err=True)

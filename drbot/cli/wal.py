@@ -49,6 +49,7 @@ def stream(policy_name: str, policies_dir: Path | None) -> None:
     """
     from drbot.clock import SystemClock
     from drbot.engines.postgres.engine import PostgresEngine
+    from drbot.engines.postgres.wal import format_lsn
     from drbot.ops.audit_events import record_backup
     from drbot.ops.backup import run_backup
     from drbot.ops.lock import policy_lock
@@ -139,7 +140,7 @@ def stream(policy_name: str, policies_dir: Path | None) -> None:
             outcome="info",
             details={
                 "segments": streamer.state.segments_shipped,
-                "archived_lsn": streamer.state.archived_lsn,
+                "archived_lsn": format_lsn(streamer.state.archived_lsn),
             },
         )
         raise KeyboardInterrupt
@@ -203,6 +204,8 @@ def _fetch_from_archive(
     policy = find_policy(settings, policy_name)
     storages = build.build_storages(policy)
     if from_destination is not None:
+        if from_destination not in {s.name for s in storages}:
+            raise UsageError(f"policy {policy.name} has no destination {from_destination!r}")
         storages.sort(key=lambda s: s.name != from_destination)
     data = fetch_wal_file(
         policy.name, name, storages, KeyCache(build.build_keys(policy)), system_identifier=system_id

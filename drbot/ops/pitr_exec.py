@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import os
 import pwd
+import re
 import shlex
 import shutil
 import subprocess
@@ -31,6 +32,7 @@ from psycopg import sql
 
 from drbot.catalog import CatalogScan
 from drbot.engines.postgres.localserver import free_port
+from drbot.engines.postgres.wal import parse_lsn
 from drbot.errors import DatabaseError, IntegrityFailure, NoRestorePoint, UsageError
 from drbot.ops.pitr import (
     PitrPlan,
@@ -48,6 +50,7 @@ from drbot.storage.base import Storage
 
 log = structlog.get_logger(__name__)
 
+_REDO_DONE = re.compile(r"redo done at ([0-9A-F]+/[0-9A-F]+)")
 _RESET_AFTER = (
     "restore_command",
     "recovery_target_timeline",
@@ -60,6 +63,10 @@ _RESET_AFTER = (
 
 class TargetBeyondWal(NoRestorePoint):
     """Recovery used up the WAL without finding a commit after the target time."""
+
+    def __init__(self, message: str, *, redo_done: int | None = None) -> None:
+        super().__init__(message)
+        self.redo_done = redo_done
 
 
 @dataclass(frozen=True)
@@ -208,7 +215,7 @@ def execute_pitr(
         return _start_and_recover(
             plan, target_dir, spool, filler, source, start, bin_dir, run_as, t0
         )
-    except TargetBeyondWal:
+    except TargetBeyondWal as exc:
         # PostgreSQL stops at the first commit after the target; with none in the archive it
         # fails even though all WAL up to the target is there. The archive was written after
         # the target (plan_pitr checked), so replaying all of it gives the state at the target.
@@ -220,9 +227,13 @@ def execute_pitr(
             or t.time > plan.window_end
         ):
             raise
-        log.warning("restore.target_after_last_commit", target=t.describe())
+        # Stop exactly where the first attempt ran out: the archive may have grown since.
+        replay = Target("lsn", lsn=exc.redo_done) if exc.redo_done else Target("latest")
+        log.warning(
+            "restore.target_after_last_commit", target=t.describe(), replay=replay.describe()
+        )
         again = execute_pitr(
-            dataclasses.replace(plan, target=Target("latest")),
+            dataclasses.replace(plan, target=replay),
             scan,
             storages,
             keys,
@@ -342,8 +353,10 @@ def _wait_promoted(uri: str, data_dir: Path, logfile: Path, filler: SpoolFiller)
                     hint="restore from another destination with --from, or to an earlier point",
                 )
             if "before configured recovery target was reached" in tail:
+                done = _REDO_DONE.findall(_log_tail(logfile, 200))
                 raise TargetBeyondWal(
-                    f"the WAL ends before the recovery target; the server said:\n{tail}"
+                    f"the WAL ends before the recovery target; the server said:\n{tail}",
+                    redo_done=parse_lsn(done[-1]) if done else None,
                 )
             raise DatabaseError(f"the restored server stopped during recovery:\n{tail}")
         with (

@@ -173,8 +173,9 @@ class ReplicationConnection:
         result = self._pg.exec_(command.encode())
         if result.status != pq.ExecStatus.COPY_BOTH:
             message = result.get_error_message(encoding="utf-8").strip() or self._error()
-            if self._pg.status != pq.ConnStatus.OK:
-                raise SourceUnavailable(f"replication connection lost: {message}")
+            if self._pg.status != pq.ConnStatus.OK or "is active for PID" in message:
+                # An earlier connection's walsender may still hold the slot: retry later.
+                raise SourceUnavailable(f"cannot stream WAL yet: {message}")
             raise DatabaseError(f"the server refused to stream WAL: {message}")
         self._streaming = True
         self._pg.nonblocking = 1
