@@ -36,7 +36,13 @@ from drbot.engines.postgres.wal import (
     parse_lsn,
     timeline_of,
 )
-from drbot.errors import DrbotError, IntegrityFailure, NoRestorePoint, UsageError
+from drbot.errors import (
+    DrbotError,
+    IntegrityFailure,
+    NoRestorePoint,
+    StorageUnavailable,
+    UsageError,
+)
 from drbot.ops.artifacts import read_artifact
 from drbot.ops.walfetch import fail_spool_file, fetch_wal_file, put_spool_file, spool_pending
 from drbot.ops.walstore import KeyCache, WalScan
@@ -84,6 +90,7 @@ class PitrPlan:
     histories: tuple[str, ...]
     window_end: datetime | None
     """Approximately the newest moment the WAL reaches (the time its last object was stored)."""
+    confirmed_until: datetime | None
     gap: str | None
     """The first missing segment after which WAL exists again (None without a hole)."""
     system_identifier: int
@@ -111,6 +118,8 @@ class Window:
     gap: str | None
     limit_lsn: int = 0
     """No restore point lies at or beyond this (the end of the last segment, even partial)."""
+    confirmed_time: datetime | None = None
+    """The newest moment a heartbeat proves the archive held all the server's WAL on this path."""
 
 
 def _union(wal: WalScan) -> tuple[dict[Segment, int], dict[Segment, int], dict[Segment, datetime]]:
@@ -123,7 +132,7 @@ def _union(wal: WalScan) -> tuple[dict[Segment, int], dict[Segment, int], dict[S
             full.setdefault(seg, obj.size_bytes)
             full_times[seg] = max(full_times.get(seg, obj.modified_at), obj.modified_at)
         for seg, obj in inv.partials.items():
-            partial.setdefault(seg, obj.size_bytes)
+            partial[seg] = max(partial.get(seg, 0), obj.size_bytes)
             partial_times[seg] = max(partial_times.get(seg, obj.modified_at), obj.modified_at)
     # A partial superseded by its complete segment (in any destination) says nothing more.
     return full, partial, {**partial_times, **full_times}
@@ -184,9 +193,11 @@ def restorable_window(
     # path's end was the archive's end (its position falls in the segment where the path stops),
     # the window reaches its time even if no WAL was written since.
     here = Segment(timeline_of((number + 1) * size - 1, tli, switches), number)
+    confirmed: datetime | None = None
     for beat in wal.heartbeats:
         if (beat.timeline, beat.lsn // size) == (here.timeline, here.number) and files:
             end_time = max(end_time, beat.time)
+            confirmed = max(confirmed or beat.time, beat.time)
     # WAL on this path beyond where it stops means a hole, not the end of the archive. (The
     # parent timeline going on past the switch is another history, not later WAL.)
     later = any(
@@ -195,7 +206,7 @@ def restorable_window(
     )
     gap = here.name(size) if later else None
     limit = (number + 1) * size if is_partial else end_lsn
-    return Window(tli, tuple(files), end_time, end_lsn, is_partial, gap, limit)
+    return Window(tli, tuple(files), end_time, end_lsn, is_partial, gap, limit, confirmed)
 
 
 def plan_pitr(
@@ -211,6 +222,12 @@ def plan_pitr(
     physical = [b for b in scan.backups if b.manifest.mode == "physical"]
     if from_destination is not None:
         physical = [b for b in physical if b.copy_in(from_destination) is not None]
+    if not physical and scan.unreachable and not scan.backups:
+        raise StorageUnavailable(
+            "no destination of "
+            f"{policy} could be read: "
+            + "; ".join(f"{d}: {e.message}" for d, e in scan.unreachable.items())
+        )
     if not physical:
         where = f" in {from_destination}" if from_destination else ""
         raise NoRestorePoint(
@@ -252,6 +269,7 @@ def plan_pitr(
         wal=window.wal,
         histories=needed,
         window_end=window.end_time,
+        confirmed_until=window.confirmed_time,
         gap=window.gap,
         system_identifier=int(pos["system_identifier"]),
         segment_size=int(pos["segment_size"]),
@@ -338,6 +356,9 @@ def unpack_base(
             why = exc.message if isinstance(exc, DrbotError) else f"{exc.__class__.__name__}: {exc}"
             errors[name] = why
             log.warning("restore.copy_failed", destination=name, error=why)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # no decrypted data left behind
+            raise
     shutil.rmtree(staging, ignore_errors=True)
     raise IntegrityFailure(
         "no copy of base backup "
@@ -424,6 +445,7 @@ class SpoolFiller:
     spool: Path
     wait: bool = True
     failures: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, BaseException] = field(default_factory=dict)
     stop: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -431,35 +453,50 @@ class SpoolFiller:
         return [*self.plan.histories, *(w.name for w in self.plan.wal)]
 
     def run(self) -> None:
-        names = self.names
-        for index, name in enumerate(names):
-            while self.wait and spool_pending(self.spool, names[:index]) >= _SPOOL_AHEAD:
+        # History files first and all at once: the server asks for only some of them (the
+        # target's, and at promotion the next ids), so they must not hold up the window.
+        for name in self.plan.histories:
+            if self.stop.is_set() or not self._place(name):
+                return
+        segments = [w.name for w in self.plan.wal]
+        for index, name in enumerate(segments):
+            while self.wait and spool_pending(self.spool, segments[:index]) >= _SPOOL_AHEAD:
                 if self.stop.wait(0.05):
                     return
-            if self.stop.is_set():
+            if self.stop.is_set() or not self._place(name):
                 return
-            try:
-                data = fetch_wal_file(
-                    self.plan.policy,
-                    name,
-                    self.storages,
-                    self.keys,
-                    system_identifier=self.plan.system_identifier,
-                    segment_size=self.plan.segment_size,
-                )
-                put_spool_file(self.spool, name, data)
-            except BaseException as exc:
-                # Whatever it was, the server must hear of it rather than wait for the file.
-                why = exc.message if isinstance(exc, DrbotError) else f"{exc!r}"
-                self.failures[name] = why
-                fail_spool_file(self.spool, name, why)
-                log.error("restore.wal_failed", name=name, error=why)
-                if not isinstance(exc, Exception):
-                    raise
-                return
+
+    def _place(self, name: str) -> bool:
+        try:
+            data = fetch_wal_file(
+                self.plan.policy,
+                name,
+                self.storages,
+                self.keys,
+                system_identifier=self.plan.system_identifier,
+                segment_size=self.plan.segment_size,
+            )
+            put_spool_file(self.spool, name, data)
+        except BaseException as exc:
+            # Whatever it was, the server must hear of it rather than wait for the file.
+            why = exc.message if isinstance(exc, DrbotError) else f"{exc!r}"
+            self.failures[name] = why
+            self.errors[name] = exc
+            fail_spool_file(self.spool, name, why)
+            log.error("restore.wal_failed", name=name, error=why)
+            if not isinstance(exc, Exception):
+                raise
+            return False
+        return True
 
 
 def ensure_empty_target(path: Path) -> None:
+    if path.is_mount():
+        raise UsageError(
+            f"{path} is a mount point; drbot unpacks next to the target and renames it into "
+            "place, which a mount point cannot take",
+            hint=f"restore into a new directory inside it, e.g. {path / 'data'}",
+        )
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise UsageError(
             f"{path} exists and is not empty; drbot restores only into a new or empty directory",

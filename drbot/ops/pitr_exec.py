@@ -10,7 +10,6 @@ the server is stopped and the directory removed: no promoted server from a bad r
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import pwd
@@ -28,12 +27,19 @@ from pathlib import Path
 
 import psycopg
 import structlog
-from psycopg import sql
 
 from drbot.catalog import CatalogScan
 from drbot.engines.postgres.localserver import free_port
 from drbot.engines.postgres.wal import parse_lsn
-from drbot.errors import DatabaseError, IntegrityFailure, NoRestorePoint, UsageError
+from drbot.errors import (
+    DatabaseError,
+    DrbotError,
+    IntegrityFailure,
+    KeyProblem,
+    NoRestorePoint,
+    StorageUnavailable,
+    UsageError,
+)
 from drbot.ops.pitr import (
     PitrPlan,
     SpoolFiller,
@@ -174,6 +180,12 @@ def execute_pitr(
     source = unpack_base(plan, scan, storages, staging, progress)
     try:
         verify_base(bin_dir, staging)
+        if start is not None and not (staging / "postgresql.conf").exists():
+            raise UsageError(
+                "the base backup has no postgresql.conf: the source keeps its configuration "
+                "outside the data directory (e.g. /etc/postgresql), so --start cannot run it",
+                hint="restore without --start, then start it with that configuration",
+            )
         spool.mkdir(mode=0o700)
         ordered = [storages[n] for n in plan.sources] + [
             s for n, s in storages.items() if n not in plan.sources
@@ -195,19 +207,7 @@ def execute_pitr(
         raise
     log.info("restore.unpacked", data_dir=str(target_dir), source=source, backup_id=plan.backup_id)
     if start is None:
-        try:
-            filler.run()
-        except BaseException:
-            filler.failures.setdefault("(interrupted)", "the restore was interrupted")
-            raise
-        finally:
-            if filler.failures:
-                # Without all its WAL the directory would recover to less than was asked.
-                shutil.rmtree(target_dir, ignore_errors=True)
-                shutil.rmtree(spool, ignore_errors=True)
-        if filler.failures:
-            name, why = next(iter(filler.failures.items()))
-            raise IntegrityFailure(f"WAL file {name} could not be fetched: {why}")
+        _fill_all(filler, target_dir, spool)
         return PitrResult(
             target_dir, source, time.monotonic() - t0, started=False, spool=spool, run_as=run_as
         )
@@ -217,16 +217,18 @@ def execute_pitr(
         )
     except TargetBeyondWal as exc:
         # PostgreSQL stops at the first commit after the target; with none in the archive it
-        # fails even though all WAL up to the target is there. The archive was written after
-        # the target (plan_pitr checked), so replaying all of it gives the state at the target.
-        t = plan.target
-        if (
-            t.kind != "time"
-            or t.time is None
-            or plan.window_end is None
-            or t.time > plan.window_end
-        ):
+        # fails even though all WAL up to the target may be there. Only when a heartbeat (the
+        # server's own answer) proves the archive was complete at or after the target does
+        # replaying all of it give the state at the target.
+        t, confirmed = plan.target, plan.confirmed_until
+        if t.kind != "time" or t.time is None:
             raise
+        if confirmed is None or t.time > confirmed:
+            raise NoRestorePoint(
+                f"no commit after {t.describe()} is in the archive, and nothing proves the "
+                "archive held all WAL up to that moment (no streamer heartbeat after it)",
+                hint="restore --at the time of a commit you know, or --latest",
+            ) from exc
         # Stop exactly where the first attempt ran out: the archive may have grown since.
         replay = Target("lsn", lsn=exc.redo_done) if exc.redo_done else Target("latest")
         log.warning(
@@ -244,6 +246,37 @@ def execute_pitr(
             progress=progress,
         )
         return dataclasses.replace(again, replayed_all=True, elapsed_s=time.monotonic() - t0)
+
+
+def _wal_failure(filler: SpoolFiller, prefix: str) -> DrbotError:
+    """The first WAL failure as drbot's error of the same kind (storage 15, key 12, else 13)."""
+    name, why = next(iter(filler.failures.items()))
+    cause = filler.errors.get(name)
+    kind = (
+        type(cause)
+        if isinstance(cause, (StorageUnavailable, KeyProblem, IntegrityFailure))
+        else IntegrityFailure
+    )
+    return kind(
+        f"{prefix}WAL file {name} could not be used: {why}",
+        hint="restore from another destination with --from, or to an earlier point",
+    )
+
+
+def _fill_all(filler: SpoolFiller, target_dir: Path, spool: Path) -> None:
+    """Fetch every WAL file now (no server runs); on any failure remove what was written."""
+    try:
+        filler.run()
+    except BaseException:
+        filler.failures.setdefault("(interrupted)", "the restore was interrupted")
+        raise
+    finally:
+        if filler.failures:
+            # Without all its WAL the directory would recover to less than was asked.
+            shutil.rmtree(target_dir, ignore_errors=True)
+            shutil.rmtree(spool, ignore_errors=True)
+    if filler.failures:
+        raise _wal_failure(filler, "")
 
 
 def _start_and_recover(
@@ -279,10 +312,10 @@ def _start_and_recover(
                 f"pg_ctl could not start the restored server: {proc.stderr.strip()}\n"
                 f"{_log_tail(logfile)}"
             )
-        uri = f"host={sockets} port={port} dbname=postgres user={start.db_user}"
+        uri = f"host={sockets} port={port} dbname=template1 user={start.db_user}"
         restore_point = _wait_promoted(uri, data_dir, logfile, filler)
         promoted = True
-        timeline = _finish(uri, runner, data_dir, logfile, port, sockets)
+        timeline = _finish(runner, data_dir, logfile, port, sockets)
     except BaseException:
         filler.stop.set()
         runner.run("pg_ctl", "-D", str(data_dir), "-m", "immediate", "-w", "stop")
@@ -336,6 +369,22 @@ def _log_tail(logfile: Path, lines: int = 15) -> str:
         return "(no server log)"
 
 
+def _replay_timestamp(uri: str) -> datetime | None:
+    """The last replayed commit's time, once the promoted server accepts connections."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with psycopg.connect(uri, autocommit=True, connect_timeout=2) as conn:
+                row = conn.execute("SELECT pg_last_xact_replay_timestamp()").fetchone()
+                return row[0] if row is not None and isinstance(row[0], datetime) else None
+        except psycopg.Error as exc:
+            if time.monotonic() > deadline:
+                # Only the report suffers: the data is there.
+                log.warning("restore.replay_time_unknown", error=str(exc))
+                return None
+            time.sleep(0.2)
+
+
 def _wait_promoted(uri: str, data_dir: Path, logfile: Path, filler: SpoolFiller) -> datetime | None:
     last_report = started = time.monotonic()
     pid: int | None = None
@@ -347,11 +396,7 @@ def _wait_promoted(uri: str, data_dir: Path, logfile: Path, filler: SpoolFiller)
             time.sleep(0.3)  # let the log be written
             tail = _log_tail(logfile)
             if filler.failures:
-                name, why = next(iter(filler.failures.items()))
-                raise IntegrityFailure(
-                    f"recovery stopped: WAL file {name} could not be used: {why}",
-                    hint="restore from another destination with --from, or to an earlier point",
-                )
+                raise _wal_failure(filler, "recovery stopped: ")
             if "before configured recovery target was reached" in tail:
                 done = _REDO_DONE.findall(_log_tail(logfile, 200))
                 raise TargetBeyondWal(
@@ -359,33 +404,42 @@ def _wait_promoted(uri: str, data_dir: Path, logfile: Path, filler: SpoolFiller)
                     redo_done=parse_lsn(done[-1]) if done else None,
                 )
             raise DatabaseError(f"the restored server stopped during recovery:\n{tail}")
-        with (
-            contextlib.suppress(psycopg.OperationalError),
-            psycopg.connect(uri, autocommit=True, connect_timeout=2) as conn,
-        ):
-            row = conn.execute(
-                "SELECT pg_is_in_recovery(), pg_last_xact_replay_timestamp()"
-            ).fetchone()
-            if row is not None and not row[0]:
-                return row[1] if isinstance(row[1], datetime) else None
+        # The server removes recovery.signal when archive recovery is over (promotion).
+        if pid is not None and not (data_dir / "recovery.signal").exists():
+            return _replay_timestamp(uri)
         if time.monotonic() - last_report > 10:
             log.info("restore.recovering", data_dir=str(data_dir))
             last_report = time.monotonic()
         time.sleep(0.2)
 
 
-def _finish(
-    uri: str, runner: _Runner, data_dir: Path, logfile: Path, port: int, sockets: Path
-) -> int | None:
+def _drop_recovery_settings(path: Path) -> None:
+    """Remove the recovery settings drbot appended (the server is stopped)."""
+    keep = [
+        line
+        for line in path.read_text().splitlines()
+        if line.split("=", 1)[0].strip() not in _RESET_AFTER
+    ]
+    tmp = path.with_name(path.name + ".drbot-tmp")
+    tmp.write_text("\n".join(keep) + "\n")
+    shutil.copymode(path, tmp)
+    stat = path.stat()
+    os.chown(tmp, stat.st_uid, stat.st_gid)
+    tmp.replace(path)
+
+
+def _control_timeline(runner: _Runner, data_dir: Path) -> int | None:
+    proc = runner.run("pg_controldata", str(data_dir))
+    m = re.search(r"Latest checkpoint's TimeLineID:\s+(\d+)", proc.stdout)
+    return int(m.group(1)) if m else None
+
+
+def _finish(runner: _Runner, data_dir: Path, logfile: Path, port: int, sockets: Path) -> int | None:
     """Drop the recovery settings and restart with the cluster's own access rules; returns
-    the new timeline."""
-    with psycopg.connect(uri, autocommit=True) as conn:
-        for name in _RESET_AFTER:
-            conn.execute(sql.SQL("ALTER SYSTEM RESET {}").format(sql.Identifier(name)))
-        conn.execute("CHECKPOINT")
-        row = conn.execute("SELECT timeline_id FROM pg_control_checkpoint()").fetchone()
-        timeline = int(row[0]) if row is not None else None
+    the new timeline. No SQL: the policy's role need not be a superuser."""
     runner.run("pg_ctl", "-D", str(data_dir), "-m", "fast", "-w", "stop")
+    _drop_recovery_settings(data_dir / "postgresql.auto.conf")
+    timeline = _control_timeline(runner, data_dir)
     public = f"-p {port} -c listen_addresses=127.0.0.1 -k {sockets}"
     proc = runner.run(
         "pg_ctl", "-D", str(data_dir), "-l", str(logfile), "-o", public, "-w", "-t", "120", "start"

@@ -25,11 +25,12 @@ import structlog
 
 from drbot.engines.postgres.wal import (
     DEFAULT_SEGMENT_SIZE,
+    Segment,
     check_segment_bytes,
     parse_history_file_name,
     parse_segment_name,
 )
-from drbot.errors import DrbotError, IntegrityFailure, ObjectNotFound
+from drbot.errors import DrbotError, IntegrityFailure, ObjectNotFound, StorageUnavailable
 from drbot.ops.walstore import KeyCache, read_wal_object
 from drbot.storage import layout
 from drbot.storage.base import Storage
@@ -69,43 +70,86 @@ def fetch_wal_file(
 ) -> bytes:
     """The content of WAL file `name`, checked, as the server should receive it.
 
-    With `partial_ok` false, only a complete segment counts (a streamer's `.partial` is not it).
-
-    Destinations are tried in order; a damaged or unreachable copy falls back to the next.
-    `NotInArchive` if no reachable destination has it; otherwise, when every copy failed,
-    the first failure (`IntegrityFailure`, `StorageUnavailable`, `KeyProblem`).
+    A complete segment comes from the first destination whose copy checks out (a damaged or
+    unreachable copy falls back to the next). Only if no destination has the complete segment
+    is a partial one used (`partial_ok`): the longest copy that checks out, since destinations
+    can hold partials of different ages. A damaged complete segment is never replaced by a
+    partial. `NotInArchive` if every destination that answered lacks the file (unreachable
+    ones are logged); otherwise the first failure (`IntegrityFailure`, `StorageUnavailable`,
+    `KeyProblem`).
     """
-    errors: list[DrbotError] = []
     segment = parse_segment_name(name, segment_size)
-    for key, partial in candidate_keys(policy, name, segment_size):
-        if partial and not partial_ok:
-            continue
-        for storage in storages:
-            try:
-                data = read_wal_object(storage, key, keys)
-                if segment is not None:
-                    where = f"{storage.name}:{key}"
-                    if len(data) > segment_size or (not partial and len(data) != segment_size):
-                        raise IntegrityFailure(
-                            f"{where}: {len(data)} bytes, a segment is {segment_size}"
-                        )
-                    check_segment_bytes(
-                        data[:64], segment, system_identifier, segment_size, where=where
-                    )
-                    if partial:
-                        data += bytes(segment_size - len(data))
-                log.debug("wal.fetched", name=name, destination=storage.name, partial=partial)
-                return data
-            except ObjectNotFound:
-                continue
-            except DrbotError as exc:
-                log.warning("wal.fetch_failed", name=name, destination=storage.name, error=str(exc))
-                errors.append(exc)
-        if errors:
-            break  # a damaged complete segment must not be replaced by an older partial one
-    if errors:
-        raise errors[0]
+    fetch = _Fetch(name, segment, system_identifier, segment_size, keys)
+    candidates = candidate_keys(policy, name, segment_size)
+    key, _ = candidates[0]
+    for storage in storages:
+        found = fetch.one(storage, key, partial=False)
+        if found is not None:
+            return found
+    if fetch.damaged:
+        raise fetch.damaged[0]  # never fall back from a damaged complete segment to a partial
+    if partial_ok and len(candidates) > 1:
+        key, _ = candidates[1]
+        copies = [c for s in storages if (c := fetch.one(s, key, partial=True)) is not None]
+        if copies:
+            best = max(copies, key=len)
+            return best + bytes(segment_size - len(best))
+    if fetch.damaged:
+        raise fetch.damaged[0]
+    if fetch.unreachable and fetch.unreachable == fetch.lookups:
+        raise fetch.errors[0]  # nobody answered: unknown, not "not archived"
+    if fetch.unreachable:
+        log.warning("wal.fetch_partly_unreachable", name=name, unreachable=fetch.unreachable)
     raise NotInArchive(f"WAL file {name} is not in the archive")
+
+
+class _Fetch:
+    """One file's lookups: reads and checks copies, and keeps what went wrong where."""
+
+    def __init__(
+        self,
+        name: str,
+        segment: Segment | None,
+        system_identifier: int,
+        segment_size: int,
+        keys: KeyCache,
+    ) -> None:
+        self.name = name
+        self.segment = segment
+        self.system_identifier = system_identifier
+        self.segment_size = segment_size
+        self.keys = keys
+        self.errors: list[DrbotError] = []
+        self.damaged: list[DrbotError] = []
+        self.unreachable = 0
+        self.lookups = 0
+
+    def one(self, storage: Storage, key: str, *, partial: bool) -> bytes | None:
+        where = f"{storage.name}:{key}"
+        self.lookups += 1
+        try:
+            data = read_wal_object(storage, key, self.keys)
+            if self.segment is not None:
+                size = self.segment_size
+                if len(data) > size or (not partial and len(data) != size):
+                    raise IntegrityFailure(f"{where}: {len(data)} bytes, a segment is {size}")
+                check_segment_bytes(
+                    data[:64], self.segment, self.system_identifier, size, where=where
+                )
+        except ObjectNotFound:
+            return None
+        except DrbotError as exc:
+            log.warning(
+                "wal.fetch_failed", name=self.name, destination=storage.name, error=str(exc)
+            )
+            self.errors.append(exc)
+            if isinstance(exc, StorageUnavailable):
+                self.unreachable += 1
+            else:
+                self.damaged.append(exc)
+            return None
+        log.debug("wal.fetched", name=self.name, destination=storage.name, partial=partial)
+        return data
 
 
 # -- the spool --------------------------------------------------------------------------------

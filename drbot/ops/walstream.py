@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import structlog
 
@@ -43,6 +43,7 @@ from drbot.storage.base import Storage
 log = structlog.get_logger(__name__)
 
 _STATUS_EVERY_S = 10.0
+_HEARTBEAT_MARGIN = timedelta(seconds=1)
 _RETRY_MAX_S = 30.0
 
 
@@ -157,7 +158,15 @@ class WalStreamer:
             missing = [s.name for s in self.storages if not _exists(s, key)]
             if not missing:
                 continue
-            body = content if tli == timeline else repl.timeline_history(tli)[1]
+            try:
+                body = content if tli == timeline else repl.timeline_history(tli)[1]
+            except DatabaseError as exc:
+                # A server promoted from a standby may lack older history files; the current
+                # one holds the whole ancestry, which is what restores need.
+                log.warning(
+                    "wal.history_missing", policy=self.settings.policy, timeline=tli, error=str(exc)
+                )
+                continue
             self._put_everywhere(key, body, missing)
         log.debug("wal.histories_shipped", policy=self.settings.policy, file=name)
         return switches
@@ -219,9 +228,13 @@ class WalStreamer:
         self.state.archived_lsn = cur.start
         try:
             self._loop(repl, cur, stop)
-        except KeyboardInterrupt:
-            # Ctrl-C / SIGTERM: what was received still goes to the archive before exiting.
-            self._ship_partial(cur)
+        except BaseException:
+            # Ctrl-C, SIGTERM, or the source gone (crashed, unreachable): what was received is
+            # committed WAL that may exist nowhere else now; store it before giving up.
+            try:
+                self._ship_partial(cur)
+            except Exception as exc:
+                log.error("wal.partial_failed", policy=self.settings.policy, error=str(exc))
             raise
 
     def _loop(self, repl: ReplicationConnection, cur: _Current, stop: threading.Event) -> None:
@@ -231,13 +244,7 @@ class WalStreamer:
                 if isinstance(msg, WalData):
                     self._receive(repl, cur, msg)
                 elif isinstance(msg, Keepalive):
-                    self.state.server_lsn = max(self.state.server_lsn, msg.server_end_lsn)
-                    if msg.reply_requested:
-                        # Caught up and asked (a shutting-down server waits for this): store
-                        # what we hold now, so the server need not wait for the interval.
-                        if msg.server_end_lsn <= cur.end:
-                            self._ship_partial(cur, repl)
-                        repl.send_status(self.state.received_lsn, self.state.archived_lsn)
+                    self._on_keepalive(repl, cur, msg)
                 elif isinstance(msg, TimelineEnd):
                     # The server was promoted: what we hold is this timeline's final piece.
                     self._ship_partial(cur)
@@ -255,13 +262,31 @@ class WalStreamer:
             if now - last_partial >= self.settings.partial_interval_s:
                 if len(cur.buf) > cur.partial_len:
                     self._ship_partial(cur, repl)
-                elif self.state.server_lsn <= cur.end:
-                    self._heartbeat(cur)
+                else:
+                    # Nothing new: ask the server where its WAL ends; its answer (not our own
+                    # idea of being caught up, which a stalled connection fakes) decides.
+                    cur.ping = datetime.now(UTC)
+                    repl.send_status(self.state.received_lsn, self.state.archived_lsn, reply=True)
                 last_partial = now
             if now - last_status >= _STATUS_EVERY_S:
                 repl.send_status(self.state.received_lsn, self.state.archived_lsn)
                 last_status = now
         self._ship_partial(cur)
+
+    def _on_keepalive(self, repl: ReplicationConnection, cur: _Current, msg: Keepalive) -> None:
+        self.state.server_lsn = max(self.state.server_lsn, msg.server_end_lsn)
+        if cur.ping is not None and not msg.reply_requested:
+            # The server's answer to our ping: if we hold all it has, the archive was current
+            # when we asked (less a margin for WAL written but not yet sent).
+            if msg.server_end_lsn <= cur.end and cur.partial_len == len(cur.buf):
+                self._heartbeat(cur, cur.ping - _HEARTBEAT_MARGIN)
+            cur.ping = None
+        if msg.reply_requested:
+            # Caught up and asked (a shutting-down server waits for this): store what we
+            # hold now, so the server need not wait for the interval.
+            if msg.server_end_lsn <= cur.end:
+                self._ship_partial(cur, repl)
+            repl.send_status(self.state.received_lsn, self.state.archived_lsn)
 
     def _receive(self, repl: ReplicationConnection, cur: _Current, msg: WalData) -> None:
         if msg.start_lsn != cur.end:
@@ -360,9 +385,10 @@ class WalStreamer:
             upto=format_lsn(cur.end),
         )
 
-    def _heartbeat(self, cur: _Current) -> None:
-        """Nothing new and all of it archived: say so, so restores may target this moment."""
-        beat = Heartbeat(datetime.now(UTC), cur.segment.timeline, cur.end)
+    def _heartbeat(self, cur: _Current, at: datetime) -> None:
+        """The server confirmed drbot held (and had archived) all its WAL at `at`: say so, so
+        restores may target this moment."""
+        beat = Heartbeat(at, cur.segment.timeline, cur.end)
         failed = self.shipper.put(layout.wal_heartbeat_key(self.settings.policy), beat.encode())
         for destination, why in failed.items():
             log.warning(
@@ -381,6 +407,8 @@ class _Current:
         self.size = size
         self.buf = bytearray()
         self.partial_len = 0
+        self.ping: datetime | None = None
+        """When drbot last asked the server for its WAL end (unanswered yet)."""
 
     @property
     def start(self) -> int:

@@ -239,13 +239,14 @@ class ReplicationConnection:
         return TimelineEnd(next_timeline, next_lsn)
 
     @_translated
-    def send_status(self, written: int, flushed: int) -> None:
+    def send_status(self, written: int, flushed: int, *, reply: bool = False) -> None:
         """Tell the server what drbot has received (`written`) and stored (`flushed`).
 
         The flush position is what moves the replication slot: only stored WAL goes there.
+        With `reply`, the server answers at once with a keepalive carrying its WAL end.
         """
         if not self._streaming:
             return
-        msg = _STATUS.pack(b"r", written, flushed, flushed, _pg_now_us(), 0)
+        msg = _STATUS.pack(b"r", written, flushed, flushed, _pg_now_us(), 1 if reply else 0)
         if self._pg.put_copy_data(msg) != 1 or self._pg.flush() < 0:
             raise SourceUnavailable(f"WAL stream broke: {self._error()}")
