@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from drbot.engines.base import Engine
-from drbot.errors import PolicyInvalid
+from drbot.errors import PolicyInvalid, UsageError
 from drbot.ops.backup import BackupSettings
 from drbot.pipeline.keyref import key_provider_from_ref
 from drbot.pipeline.keys import KeyProvider
@@ -27,6 +27,17 @@ def build_storages(policy: Any) -> list[Storage]:
             )
         )
     return out
+
+
+def only_destination(policy: Any, storages: list[Storage], name: str | None) -> list[Storage]:
+    """`storages`, or only the one called `name`; `UsageError` naming the choices if none is."""
+    if name is None:
+        return storages
+    chosen = [s for s in storages if s.name == name]
+    if not chosen:
+        names = ", ".join(s.name for s in storages)
+        raise UsageError(f"policy {policy.name} has no destination {name!r} ({names})")
+    return chosen
 
 
 def build_keys(policy: Any) -> KeyProvider:

@@ -209,9 +209,7 @@ def command(
         )
     assert target_uri is not None
     storages = build.build_storages(policy)
-    if from_destination is not None and from_destination not in {s.name for s in storages}:
-        names = ", ".join(s.name for s in storages)
-        raise UsageError(f"policy {policy.name} has no destination {from_destination!r} ({names})")
+    build.only_destination(policy, storages, from_destination)  # a typo is refused, not ignored
     trail = audit_trail(settings)
     # A restore refused before it starts (no restore point, wrong key, target in use) is
     # still something someone tried during an incident.

@@ -134,7 +134,8 @@ def restore_to_dir(
             f"policy {policy.name} takes logical backups; restore them with --to URI",
             hint=f"drbot restore --policy {policy.name} --to postgresql://.../db",
         )
-    storages = _destinations(policy, from_destination)
+    # --from means only from there: base backup and WAL alike, as a drill of that copy.
+    storages = build.only_destination(policy, build.build_storages(policy), from_destination)
     provider = build.build_keys(policy)
     keys = KeyCache(provider)
     trail = audit_trail(settings)
@@ -211,18 +212,6 @@ def restore_to_dir(
         print_json({"plan": plan_json(plan), **out})
     else:
         _print_result(plan, result, target)
-
-
-def _destinations(policy: Any, from_destination: str | None) -> list[Storage]:
-    storages = build.build_storages(policy)
-    if from_destination is None:
-        return storages
-    # --from means only from there: base backup and WAL alike, as a drill of that copy.
-    chosen = [s for s in storages if s.name == from_destination]
-    if not chosen:
-        names = ", ".join(s.name for s in storages)
-        raise UsageError(f"policy {policy.name} has no destination {from_destination!r} ({names})")
-    return chosen
 
 
 def _print_result(plan: PitrPlan, result: PitrResult, target: Target) -> None:

@@ -18,7 +18,7 @@ from drbot.cli.common import (
     progress_bar,
     recording_failure,
 )
-from drbot.errors import IntegrityFailure, StorageUnavailable, UsageError
+from drbot.errors import IntegrityFailure, StorageUnavailable
 from drbot.ops.audit_events import record_verify
 from drbot.ops.verify import run_verify
 
@@ -50,12 +50,7 @@ def command(
     """
     settings = load_settings(policies_dir)
     policy = find_policy(settings, policy_name)
-    storages = build.build_storages(policy)
-    if destination is not None:
-        storages = [s for s in storages if s.name == destination]
-        if not storages:
-            names = ", ".join(d.name for d in policy.destinations)
-            raise UsageError(f"policy {policy.name} has no destination {destination!r} ({names})")
+    storages = build.only_destination(policy, build.build_storages(policy), destination)
     trail = audit_trail(settings)
     with (
         recording_failure(

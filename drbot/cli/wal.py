@@ -154,7 +154,7 @@ def stream(policy_name: str, policies_dir: Path | None) -> None:
     "--from",
     "from_destination",
     default=None,
-    help="Try this destination first.",
+    help="Read only from this destination.",
 )
 @click.option(
     "--system-id", type=int, default=0, help="Refuse segments of another database system."
@@ -202,11 +202,7 @@ def _fetch_from_archive(
 
     settings = load_settings(policies_dir)
     policy = find_policy(settings, policy_name)
-    storages = build.build_storages(policy)
-    if from_destination is not None:
-        if from_destination not in {s.name for s in storages}:
-            raise UsageError(f"policy {policy.name} has no destination {from_destination!r}")
-        storages.sort(key=lambda s: s.name != from_destination)
+    storages = build.only_destination(policy, build.build_storages(policy), from_destination)
     data = fetch_wal_file(
         policy.name, name, storages, KeyCache(build.build_keys(policy)), system_identifier=system_id
     )
