@@ -220,7 +220,7 @@ def _print_result(plan: PitrPlan, result: PitrResult, target: Target) -> None:
         click.echo(
             f"Restored {plan.backup_id} into {result.data_dir} and promoted it in "
             f"{result.elapsed_s:.1f}s; last replayed commit: "
-            f"{point or 'none after the base backup'}."
+            f"{point or 'unknown (none after the base backup, or the server did not say)'}."
         )
         if result.replayed_all:
             click.echo(

@@ -456,17 +456,20 @@ class SpoolFiller:
         # History files first and all at once: the server asks for only some of them (the
         # target's, and at promotion the next ids), so they must not hold up the window.
         for name in self.plan.histories:
-            if self.stop.is_set() or not self._place(name):
+            if self.stop.is_set():
                 return
+            self._place(name, partial_ok=False)  # one the server never asks for may fail
         segments = [w.name for w in self.plan.wal]
-        for index, name in enumerate(segments):
+        for index, wal in enumerate(self.plan.wal):
             while self.wait and spool_pending(self.spool, segments[:index]) >= _SPOOL_AHEAD:
                 if self.stop.wait(0.05):
                     return
-            if self.stop.is_set() or not self._place(name):
+            # A segment the plan counted complete must come complete: a partial from another
+            # destination (the complete one being down) would end recovery short of the plan.
+            if self.stop.is_set() or not self._place(wal.name, partial_ok=wal.partial):
                 return
 
-    def _place(self, name: str) -> bool:
+    def _place(self, name: str, *, partial_ok: bool) -> bool:
         try:
             data = fetch_wal_file(
                 self.plan.policy,
@@ -475,6 +478,7 @@ class SpoolFiller:
                 self.keys,
                 system_identifier=self.plan.system_identifier,
                 segment_size=self.plan.segment_size,
+                partial_ok=partial_ok,
             )
             put_spool_file(self.spool, name, data)
         except BaseException as exc:

@@ -437,7 +437,12 @@ def _control_timeline(runner: _Runner, data_dir: Path) -> int | None:
 def _finish(runner: _Runner, data_dir: Path, logfile: Path, port: int, sockets: Path) -> int | None:
     """Drop the recovery settings and restart with the cluster's own access rules; returns
     the new timeline. No SQL: the policy's role need not be a superuser."""
-    runner.run("pg_ctl", "-D", str(data_dir), "-m", "fast", "-w", "stop")
+    stopped = runner.run("pg_ctl", "-D", str(data_dir), "-m", "fast", "-w", "-t", "300", "stop")
+    if stopped.returncode != 0:
+        raise DatabaseError(
+            f"the restored server was promoted but did not stop for its restart: "
+            f"{stopped.stderr.strip()}"
+        )
     _drop_recovery_settings(data_dir / "postgresql.auto.conf")
     timeline = _control_timeline(runner, data_dir)
     public = f"-p {port} -c listen_addresses=127.0.0.1 -k {sockets}"

@@ -54,7 +54,7 @@ class WalShipper:
     ) -> None:
         self.policy = policy
         self.storages = list(storages)
-        self._keys = keys
+        self.keys = keys
         self._level = compression_level
         self._threads = compression_threads
         self._key: tuple[bytes, dict[str, WrappedKey]] | None = None
@@ -66,7 +66,7 @@ class WalShipper:
         `KeyProblem` from the key provider propagates; storage failures are returned.
         """
         if self._key is None:
-            self._key = new_data_key(self._keys, self.storages)
+            self._key = new_data_key(self.keys, self.storages)
         data_key, wrapped = self._key
         targets = [s for s in self.storages if only is None or s.name in only]
         enc = StreamEncryptor(data_key, frame_size=DEFAULT_FRAME_SIZE)

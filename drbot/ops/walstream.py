@@ -35,8 +35,21 @@ from drbot.engines.postgres.wal import (
     parse_history,
     timeline_of,
 )
-from drbot.errors import DatabaseError, DrbotError, SourceUnavailable, StorageUnavailable
-from drbot.ops.walstore import Heartbeat, WalShipper, list_wal, safe_delete
+from drbot.errors import (
+    DatabaseError,
+    DrbotError,
+    ObjectNotFound,
+    SourceUnavailable,
+    StorageUnavailable,
+)
+from drbot.ops.walstore import (
+    Heartbeat,
+    KeyCache,
+    WalShipper,
+    list_wal,
+    read_wal_object,
+    safe_delete,
+)
 from drbot.storage import layout
 from drbot.storage.base import Storage
 
@@ -99,6 +112,7 @@ class WalStreamer:
         self.shipper = shipper
         self.storages: list[Storage] = shipper.storages
         self.on_gap = on_gap
+        self._keys = KeyCache(shipper.keys)
         self.state = StreamState()
         self._segment_size = 0
 
@@ -225,6 +239,9 @@ class WalStreamer:
 
     def _stream(self, repl: ReplicationConnection, segment: Segment, stop: threading.Event) -> None:
         cur = _Current(segment, self._segment_size)
+        # A partial stored before (by an earlier connection) may hold more than this one will
+        # receive before it, too, breaks: never replace it with a shorter one.
+        cur.partial_len = self._stored_partial_len(segment)
         self.state.archived_lsn = cur.start
         try:
             self._loop(repl, cur, stop)
@@ -272,6 +289,22 @@ class WalStreamer:
                 repl.send_status(self.state.received_lsn, self.state.archived_lsn)
                 last_status = now
         self._ship_partial(cur)
+
+    def _stored_partial_len(self, segment: Segment) -> int:
+        key = layout.wal_segment_key(
+            self.settings.policy, segment.name(self._segment_size), partial=True
+        )
+        longest = 0
+        for storage in self.storages:
+            try:
+                longest = max(longest, len(read_wal_object(storage, key, self._keys)))
+            except ObjectNotFound:
+                continue
+            except DrbotError as exc:
+                # Unreadable here: the next partial must then also be longer than the segment
+                # start, which any will be; a damaged one is better replaced than kept.
+                log.warning("wal.partial_unreadable", destination=storage.name, error=str(exc))
+        return longest
 
     def _on_keepalive(self, repl: ReplicationConnection, cur: _Current, msg: Keepalive) -> None:
         self.state.server_lsn = max(self.state.server_lsn, msg.server_end_lsn)
