@@ -6,15 +6,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from drbot.engines.postgres.localserver import find_bin_dir
 from tests.e2e.conftest import Env
+from tests.fixtures.pg import stop_restored_server
 
 pytestmark = pytest.mark.e2e
 
@@ -96,8 +95,5 @@ def test_physical_backup_restores_into_a_directory_and_starts(e2e: Env) -> None:
         assert completed and completed[-1]["details"]["data_dir"] == str(target)
         assert [e for e in events if e["action"] == "restore.refused"]  # the non-empty one
     finally:
-        pg_ctl = [str(find_bin_dir(None, "pg_ctl") / "pg_ctl"), "-D", str(target), "-m", "fast"]
-        if os.geteuid() == 0:
-            pg_ctl = ["runuser", "-u", "postgres", "--", *pg_ctl]
-        subprocess.run([*pg_ctl, "stop"], capture_output=True, check=False)
+        stop_restored_server(target)
         shutil.rmtree(base, ignore_errors=True)

@@ -28,7 +28,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from drbot.engines.postgres.localserver import LocalPostgres, find_bin_dir
+from drbot.engines.postgres.localserver import LocalPostgres
+from tests.fixtures.pg import stop_restored_server
 from tests.fixtures.s3 import S3Server
 
 pytestmark = pytest.mark.integration
@@ -145,11 +146,7 @@ class Scenario:
             return {int(r[0]) for r in conn.execute("SELECT seq FROM counter").fetchall()}
 
     def stop_restored(self, target: Path) -> None:
-        cmd = [str(find_bin_dir(None, "pg_ctl") / "pg_ctl"), "-D", str(target), "-m", "immediate"]
-        if os.geteuid() == 0:
-            cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        subprocess.run([*cmd, "stop"], capture_output=True, check=False)
-        shutil.rmtree(target, ignore_errors=True)
+        stop_restored_server(target)
 
 
 def _server_dir() -> Path:
