@@ -22,24 +22,24 @@ from drbot.cli.common import (
     stderr,
 )
 from drbot.errors import KeyProblem, StorageUnavailable
+from drbot.pipeline.keys import KeyProvider
+from drbot.storage.base import Storage
 
 
-def _windows(policy: Any, scan: CatalogScan) -> dict[str, dict[str, Any]]:
+def _windows(
+    policy: Any, scan: CatalogScan, storages: list[Storage], keys: KeyProvider
+) -> dict[str, dict[str, Any]]:
     """Per physical backup: the span of time and WAL positions it can be restored to."""
     physical = [b for b in scan.backups if b.manifest.mode == "physical"]
     if not physical:
         return {}
-    from drbot.cli.restore_dir import load_histories
+    from drbot.cli.restore_dir import read_archive
     from drbot.engines.postgres.wal import format_lsn
-    from drbot.ops.pitr import restorable_window, segment_size_of
-    from drbot.ops.walstore import KeyCache, scan_wal, with_heartbeats
+    from drbot.ops.pitr import restorable_window
+    from drbot.ops.walstore import KeyCache
 
     storages = build.build_storages(policy)
-    keys = KeyCache(build.build_keys(policy))
-    wal = with_heartbeats(
-        scan_wal(policy.name, storages, segment_size_of(scan)), policy.name, storages, keys
-    )
-    histories = load_histories(policy.name, storages, wal, keys)
+    wal, histories = read_archive(policy.name, storages, scan, KeyCache(build.build_keys(policy)))
     out: dict[str, dict[str, Any]] = {}
     for b in physical:
         w = restorable_window(b, wal, histories)
@@ -56,9 +56,11 @@ def _windows(policy: Any, scan: CatalogScan) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _rows(policy: Any, scan: CatalogScan) -> list[dict[str, Any]]:
+def _rows(
+    policy: Any, scan: CatalogScan, storages: list[Storage], keys: KeyProvider
+) -> list[dict[str, Any]]:
     rows = []
-    windows = _windows(policy, scan)
+    windows = _windows(policy, scan, storages, keys)
     for b in scan.backups:
         m = b.manifest
         rows.append(
@@ -104,7 +106,8 @@ def command(policy_name: str | None, policies_dir: Path | None, as_json: bool) -
     rows: list[dict[str, Any]] = []
     down: list[str] = []  # policies none of whose destinations answered
     for policy in policies:
-        scan = scan_catalog(policy.name, build.build_storages(policy), build.build_keys(policy))
+        storages, keys = build.build_storages(policy), build.build_keys(policy)
+        scan = scan_catalog(policy.name, storages, keys)
         for dest, exc in scan.unreachable.items():
             stderr.print(f"Warning: {policy.name}/{dest} unreachable: {exc}")
         for p in scan.problems:
@@ -113,7 +116,7 @@ def command(policy_name: str | None, policies_dir: Path | None, as_json: bool) -
             raise next(p.error for p in scan.problems if isinstance(p.error, KeyProblem))
         if len(scan.unreachable) == len(policy.destinations):
             down.append(policy.name)
-        rows += _rows(policy, scan)
+        rows += _rows(policy, scan, storages, keys)
     _print_rows(rows, as_json=as_json)
     if down:
         raise StorageUnavailable(

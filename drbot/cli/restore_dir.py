@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from drbot.catalog import scan_catalog
+from drbot.catalog import CatalogScan, scan_catalog
 from drbot.cli import build
 from drbot.cli.common import (
     audit_trail,
@@ -55,7 +55,15 @@ def parse_target(at: str | None, lsn: str | None, latest: bool) -> Target:
     return Target("latest")
 
 
-def load_histories(
+def read_archive(
+    policy: str, storages: list[Storage], scan: CatalogScan, keys: KeyCache
+) -> tuple[WalScan, dict[int, list[Switch]]]:
+    """What the WAL archive holds (with heartbeats) and its timeline histories, for planning."""
+    wal = with_heartbeats(scan_wal(policy, storages, segment_size_of(scan)), policy, storages, keys)
+    return wal, _load_histories(policy, storages, wal, keys)
+
+
+def _load_histories(
     policy: str, storages: list[Storage], wal: WalScan, keys: KeyCache
 ) -> dict[int, list[Switch]]:
     """Every timeline history file in the archive (from the first destination that opens it)."""
@@ -145,13 +153,11 @@ def restore_to_dir(
         scan = scan_catalog(policy.name, storages, provider)
         for dest, exc in scan.unreachable.items():
             stderr.print(f"Warning: destination {dest} unreachable: {exc}")
-        wal = with_heartbeats(
-            scan_wal(policy.name, storages, segment_size_of(scan)), policy.name, storages, keys
-        )
+        wal, histories = read_archive(policy.name, storages, scan, keys)
         plan = plan_pitr(
             scan,
             wal,
-            load_histories(policy.name, storages, wal, keys),
+            histories,
             policy=policy.name,
             target=target,
             from_destination=from_destination,

@@ -25,7 +25,7 @@ from drbot.engines.base import DumpStream, Engine, Fingerprint
 from drbot.errors import DrbotError, IntegrityFailure, StorageUnavailable
 from drbot.manifest import ArtifactRecord, Manifest, encode_manifest
 from drbot.ops.cleanup import cleanup_incomplete
-from drbot.ops.fanout import DestinationWriter, Sent, new_data_key, read_back
+from drbot.ops.fanout import DestinationWriter, Sent, new_data_key, read_back, send_stream
 from drbot.pipeline.compress import compress_chunks
 from drbot.pipeline.keys import KeyProvider, WrappedKey
 from drbot.pipeline.prefetch import prefetch
@@ -77,8 +77,8 @@ class BackupResult:
         return bool(self.destinations_failed)
 
 
-class _Counted:
-    """Counts the bytes of a dump as they pass, reporting progress."""
+class Counted:
+    """Counts the bytes of a stream as they pass, reporting (name, bytes so far) to `progress`."""
 
     def __init__(self, chunks: Iterable[bytes], name: str, progress: ProgressFn | None) -> None:
         self._chunks = chunks
@@ -140,34 +140,21 @@ class _Run:
         key = layout.artifact_key(self.settings.policy, self.backup_id, dump.name)
         enc = StreamEncryptor(data_key, frame_size=self.settings.frame_size)
         writers = [DestinationWriter(s, key, enc.header(wrapped[s.name])) for s in self.live()]
-        counted = _Counted(dump.chunks(), dump.name, self.progress)
+        counted = Counted(dump.chunks(), dump.name, self.progress)
         source = prefetch(counted, cancel=dump.cancel)
         stream = compress_chunks(
             source,
             level=self.settings.compression_level,
             threads=self.settings.compression_threads,
         )
-        try:
-            for compressed in stream:
-                for frame in enc.update(compressed):
-                    for w in writers:
-                        w.send(frame)
-                if all(w.failed for w in writers):
-                    raise StorageUnavailable(
-                        "every destination failed: "
-                        + "; ".join(f"{w.storage.name}: {w.describe_error()}" for w in writers)
-                    )
-            last = enc.finish()
-            for w in writers:
-                w.send(last)
-        except BaseException as exc:
+
+        def stop_dump() -> None:
             # Stop the dump now (not when the traceback is freed): it holds a snapshot and
             # locks on the source, and its thread would otherwise outlive this backup.
             stream.close()
             source.close()
-            for w in writers:
-                w.abort(exc)
-            raise
+
+        send_stream(writers, enc, stream, stop_producer=stop_dump)
         plain = counted.total
         for w in writers:
             sent = w.finish()

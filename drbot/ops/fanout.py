@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from drbot.errors import DrbotError, IntegrityFailure
+from drbot.errors import DrbotError, IntegrityFailure, StorageUnavailable
 from drbot.pipeline.keys import KeyProvider, WrappedKey
+from drbot.pipeline.stream import StreamEncryptor
 from drbot.storage.base import PutResult, Storage
 
 _END = object()
@@ -114,6 +115,40 @@ class DestinationWriter:
         if isinstance(self.error, DrbotError):
             return self.error.message
         return f"{self.error.__class__.__name__}: {self.error}"
+
+
+def send_stream(
+    writers: Sequence[DestinationWriter],
+    enc: StreamEncryptor,
+    chunks: Iterable[bytes],
+    *,
+    stop_producer: Callable[[], None] | None = None,
+) -> None:
+    """Encrypt `chunks` and send every frame, then the final one, to every writer.
+
+    Raises `StorageUnavailable` as soon as every writer has failed. On any error (that one,
+    the producer's, Ctrl-C), `stop_producer` runs first, then every upload is aborted so
+    nothing is left behind, and the error propagates. Call `finish()` on each writer after.
+    """
+    try:
+        for chunk in chunks:
+            for frame in enc.update(chunk):
+                for w in writers:
+                    w.send(frame)
+            if all(w.failed for w in writers):
+                raise StorageUnavailable(
+                    "every destination failed: "
+                    + "; ".join(f"{w.storage.name}: {w.describe_error()}" for w in writers)
+                )
+        last = enc.finish()
+        for w in writers:
+            w.send(last)
+    except BaseException as exc:
+        if stop_producer is not None:
+            stop_producer()
+        for w in writers:
+            w.abort(exc)
+        raise
 
 
 def new_data_key(

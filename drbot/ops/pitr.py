@@ -34,6 +34,7 @@ from drbot.engines.postgres.wal import (
     format_lsn,
     history_file_name,
     parse_lsn,
+    segment_on,
     timeline_of,
 )
 from drbot.errors import (
@@ -44,7 +45,8 @@ from drbot.errors import (
     UsageError,
 )
 from drbot.ops.artifacts import read_artifact
-from drbot.ops.walfetch import fail_spool_file, fetch_wal_file, put_spool_file, spool_pending
+from drbot.ops.backup import Counted
+from drbot.ops.walfetch import SpoolProgress, fail_spool_file, fetch_wal_file, put_spool_file
 from drbot.ops.walstore import KeyCache, WalScan
 from drbot.storage.base import Storage
 
@@ -96,6 +98,7 @@ class PitrPlan:
     system_identifier: int
     segment_size: int
     stop_lsn: int
+    """Where the base backup ends: the earliest point this plan can restore to."""
 
     @property
     def wal_bytes(self) -> int:
@@ -176,7 +179,7 @@ def restorable_window(
     end_lsn, end_time, is_partial = stop, entry.manifest.completed_at, False
     number = start // size
     while True:
-        seg = Segment(timeline_of((number + 1) * size - 1, tli, switches), number)
+        seg = segment_on(number, tli, switches, size)
         if seg in full:
             files.append(WalFile(seg.name(size), full[seg]))
             end_lsn = max(end_lsn, seg.end_lsn(size))
@@ -192,7 +195,7 @@ def restorable_window(
     # A heartbeat says the archive was current at its time: if it was written while this
     # path's end was the archive's end (its position falls in the segment where the path stops),
     # the window reaches its time even if no WAL was written since.
-    here = Segment(timeline_of((number + 1) * size - 1, tli, switches), number)
+    here = segment_on(number, tli, switches, size)
     confirmed: datetime | None = None
     for beat in wal.heartbeats:
         if (beat.timeline, beat.lsn // size) == (here.timeline, here.number) and files:
@@ -201,7 +204,7 @@ def restorable_window(
     # WAL on this path beyond where it stops means a hole, not the end of the archive. (The
     # parent timeline going on past the switch is another history, not later WAL.)
     later = any(
-        s.number > number and s.timeline == timeline_of(s.end_lsn(size) - 1, tli, switches)
+        s.number > number and s == segment_on(s.number, tli, switches, size)
         for s in (*full, *partial)
     )
     gap = here.name(size) if later else None
@@ -347,8 +350,8 @@ def unpack_base(
         staging.mkdir(mode=0o700, parents=True)
         try:
             chunks = read_artifact(storages[name], rec, copy.data_key, copy.manifest.wrapped_key)
-            counted = _progress(chunks, progress)
-            with tarfile.open(fileobj=_ChunkReader(counted), mode="r|") as tar:  # type: ignore[call-overload]
+            counted = Counted(chunks, rec.name, progress)
+            with tarfile.open(fileobj=_ChunkReader(iter(counted)), mode="r|") as tar:  # type: ignore[call-overload]
                 tar.extractall(staging, filter="data")
             _check_backup_manifest(staging, copy.manifest.positions, f"{name}:{rec.key}")
             return name
@@ -364,17 +367,6 @@ def unpack_base(
         "no copy of base backup "
         f"{plan.backup_id} could be unpacked: " + "; ".join(f"{d}: {w}" for d, w in errors.items())
     )
-
-
-def _progress(
-    chunks: Iterator[bytes], progress: Callable[[str, int], None] | None
-) -> Iterator[bytes]:
-    total = 0
-    for chunk in chunks:
-        total += len(chunk)
-        if progress is not None:
-            progress("base.tar", total)
-        yield chunk
 
 
 def _check_backup_manifest(staging: Path, positions: dict[str, object], where: str) -> None:
@@ -459,9 +451,9 @@ class SpoolFiller:
             if self.stop.is_set():
                 return
             self._place(name, partial_ok=False)  # one the server never asks for may fail
-        segments = [w.name for w in self.plan.wal]
+        progress = SpoolProgress(self.spool, [w.name for w in self.plan.wal])
         for index, wal in enumerate(self.plan.wal):
-            while self.wait and spool_pending(self.spool, segments[:index]) >= _SPOOL_AHEAD:
+            while self.wait and progress.pending(placed=index) >= _SPOOL_AHEAD:
                 if self.stop.wait(0.05):
                     return
             # A segment the plan counted complete must come complete: a partial from another
@@ -506,11 +498,3 @@ def ensure_empty_target(path: Path) -> None:
             f"{path} exists and is not empty; drbot restores only into a new or empty directory",
             hint="choose another --to-dir, or move that directory away first",
         )
-
-
-def stop_server(bin_dir: Path, data_dir: Path, run: Callable[[list[str]], list[str]]) -> None:
-    subprocess.run(
-        run([str(bin_dir / "pg_ctl"), "-D", str(data_dir), "-m", "immediate", "-w", "stop"]),
-        capture_output=True,
-        check=False,
-    )

@@ -206,11 +206,25 @@ def fail_spool_file(spool: Path, name: str, why: str) -> None:
     (spool / f"{name}{FAILED_SUFFIX}").write_text(why.replace("\n", " ") + "\n")
 
 
-def spool_pending(spool: Path, names: Sequence[str]) -> int:
-    """How many of `names` are in the spool, not yet taken by the server; removes files taken
-    before the last two (the server asks for the last segment again when recovery ends)."""
-    taken = [i for i, n in enumerate(names) if (spool / f"{n}.taken").exists()]
-    for n in names[: max(taken[-1] - 1, 0) if taken else 0]:
-        for suffix in ("", ".sha256"):
-            (spool / f"{n}{suffix}").unlink(missing_ok=True)
-    return sum(1 for n in names if (spool / n).exists() and not (spool / f"{n}.taken").exists())
+class SpoolProgress:
+    """How far the server has taken the spooled segments, which it does in order.
+
+    Tracked from where it was last seen, so a poll costs a stat or two, not one per segment.
+    Files taken before the last two are removed (the server asks for the last segment again
+    when recovery ends).
+    """
+
+    def __init__(self, spool: Path, names: Sequence[str]) -> None:
+        self._spool = spool
+        self._names = names
+        self._taken = 0
+
+    def pending(self, *, placed: int) -> int:
+        """Of the first `placed` segments (all in the spool), how many the server has not taken."""
+        while self._taken < placed and (self._spool / f"{self._names[self._taken]}.taken").exists():
+            if self._taken >= 2:
+                old = self._names[self._taken - 2]
+                for suffix in ("", ".sha256"):
+                    (self._spool / f"{old}{suffix}").unlink(missing_ok=True)
+            self._taken += 1
+        return placed - self._taken

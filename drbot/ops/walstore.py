@@ -10,6 +10,7 @@ an integrity failure, not silently replayed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from drbot.engines.postgres.wal import (
     parse_segment_name,
 )
 from drbot.errors import DrbotError, IntegrityFailure, StorageUnavailable
-from drbot.ops.fanout import DestinationWriter, new_data_key, read_back
+from drbot.ops.fanout import DestinationWriter, new_data_key, read_back, send_stream
 from drbot.pipeline.compress import compress_chunks, decompress_chunks
 from drbot.pipeline.keys import KeyProvider, WrappedKey
 from drbot.pipeline.stream import DEFAULT_FRAME_SIZE, StreamEncryptor, decrypt_chunks
@@ -71,14 +72,10 @@ class WalShipper:
         targets = [s for s in self.storages if only is None or s.name in only]
         enc = StreamEncryptor(data_key, frame_size=DEFAULT_FRAME_SIZE)
         writers = [DestinationWriter(s, key, enc.header(wrapped[s.name])) for s in targets]
-        for compressed in compress_chunks([data], level=self._level, threads=self._threads):
-            for frame in enc.update(compressed):
-                for w in writers:
-                    w.send(frame)
-        last = enc.finish()
+        compressed = compress_chunks([data], level=self._level, threads=self._threads)
+        with contextlib.suppress(StorageUnavailable):  # every one failed: each says why below
+            send_stream(writers, enc, compressed)
         failed: dict[str, str] = {}
-        for w in writers:
-            w.send(last)
         for w in writers:
             sent = w.finish()
             problem = w.describe_error() if sent is None else read_back(w.storage, sent)
@@ -128,10 +125,6 @@ class WalInventory:
     partials: dict[Segment, ObjectInfo] = field(default_factory=dict)
     histories: dict[int, ObjectInfo] = field(default_factory=dict)
     heartbeat: ObjectInfo | None = None
-
-    def newest_time(self) -> datetime | None:
-        times = [o.modified_at for o in (*self.segments.values(), *self.partials.values())]
-        return max(times) if times else None
 
 
 def list_wal(

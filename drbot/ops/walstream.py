@@ -33,7 +33,7 @@ from drbot.engines.postgres.wal import (
     format_lsn,
     history_file_name,
     parse_history,
-    timeline_of,
+    segment_on,
 )
 from drbot.errors import (
     DatabaseError,
@@ -201,16 +201,14 @@ class WalStreamer:
         # Only segments on this server's history count: after a failover, the old timeline's
         # segments past the switch are another history, not WAL this server will send.
         on_path = {
-            s
-            for s in common or set()
-            if s.timeline == timeline_of(s.end_lsn(size) - 1, server_timeline, history)
+            s for s in common or set() if s == segment_on(s.number, server_timeline, history, size)
         }
         newest = max(on_path, key=lambda s: s.number, default=None)
         slot_start = restart_lsn
         if newest is None:
             if slot_start is None:
                 raise DatabaseError(f"replication slot {self.settings.slot} reserves no WAL")
-            return self._on_timeline(slot_start // size, server_timeline, history)
+            return segment_on(slot_start // size, server_timeline, history, size)
         wanted = newest.number + 1
         if slot_start is not None and slot_start // size > wanted:
             gap = Gap(
@@ -229,13 +227,7 @@ class WalStreamer:
             if self.on_gap is not None:
                 self.on_gap(gap)
             wanted = slot_start // size
-        return self._on_timeline(wanted, server_timeline, history)
-
-    def _on_timeline(self, number: int, server_timeline: int, history: list[Switch]) -> Segment:
-        # A segment in which the timeline switched is streamed from the new timeline, whose copy
-        # holds the old timeline's WAL up to the switch and the new WAL after it.
-        end = (number + 1) * self._segment_size - 1
-        return Segment(timeline_of(end, server_timeline, history), number)
+        return segment_on(wanted, server_timeline, history, size)
 
     def _stream(self, repl: ReplicationConnection, segment: Segment, stop: threading.Event) -> None:
         cur = _Current(segment, self._segment_size)
@@ -402,15 +394,8 @@ class WalStreamer:
             self.state.archived_lsn = cur.end
             if repl is not None:
                 repl.send_status(self.state.received_lsn, cur.end)
-        for destination, why in failed.items():
-            # The next interval tries again; the complete segment will follow in any case.
-            log.warning(
-                "wal.partial_failed",
-                policy=self.settings.policy,
-                destination=destination,
-                segment=name,
-                error=why,
-            )
+        # The next interval tries again; the complete segment will follow in any case.
+        self._warn_failed("wal.partial_failed", failed, segment=name)
         log.debug(
             "wal.partial_archived",
             policy=self.settings.policy,
@@ -423,12 +408,12 @@ class WalStreamer:
         restores may target this moment."""
         beat = Heartbeat(at, cur.segment.timeline, cur.end)
         failed = self.shipper.put(layout.wal_heartbeat_key(self.settings.policy), beat.encode())
+        self._warn_failed("wal.heartbeat_failed", failed)
+
+    def _warn_failed(self, event: str, failed: dict[str, str], **fields: str) -> None:
         for destination, why in failed.items():
             log.warning(
-                "wal.heartbeat_failed",
-                policy=self.settings.policy,
-                destination=destination,
-                error=why,
+                event, policy=self.settings.policy, destination=destination, error=why, **fields
             )
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from drbot.engines.postgres.wal import Segment
 from drbot.errors import IntegrityFailure, StorageUnavailable
-from drbot.ops.walfetch import NotInArchive, fetch_wal_file
+from drbot.ops.walfetch import NotInArchive, SpoolProgress, fetch_wal_file
 from drbot.ops.walstore import KeyCache, WalShipper
 from drbot.pipeline.filekey import FileKeyProvider, generate_key_file
 from drbot.storage import layout
@@ -90,3 +90,21 @@ def test_down_destinations_do_not_hide_the_end_of_the_archive(keys: FileKeyProvi
     west.unreachable = True
     with pytest.raises(StorageUnavailable):
         fetch_wal_file("p", Segment(1, 6).name(SIZE), [east, west], KeyCache(keys))
+
+
+def test_spool_progress_counts_untaken_segments_and_keeps_the_last_two_taken(
+    tmp_path: Path,
+) -> None:
+    names = [Segment(1, n).name(SIZE) for n in range(5)]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+        (tmp_path / f"{name}.sha256").write_text("x\n")
+    progress = SpoolProgress(tmp_path, names)
+    assert progress.pending(placed=5) == 5
+    for name in names[:3]:
+        (tmp_path / f"{name}.taken").touch()
+    assert progress.pending(placed=5) == 2
+    # taken files before the last two taken are gone; the server may ask for the last again
+    assert not (tmp_path / names[0]).exists()
+    assert not (tmp_path / f"{names[0]}.sha256").exists()
+    assert all((tmp_path / n).exists() for n in names[1:])

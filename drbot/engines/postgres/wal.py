@@ -120,6 +120,15 @@ def timeline_of(lsn: int, timeline: int, history: list[Switch]) -> int:
     return timeline
 
 
+def segment_on(
+    number: int, timeline: int, history: list[Switch], segment_size: int = DEFAULT_SEGMENT_SIZE
+) -> Segment:
+    """Segment `number` as `timeline`'s history holds it: on the timeline that holds its last
+    byte. A segment in which the timeline switched is the new timeline's copy, which holds the
+    old timeline's WAL up to the switch and the new WAL after it."""
+    return Segment(timeline_of((number + 1) * segment_size - 1, timeline, history), number)
+
+
 @dataclass(frozen=True)
 class PageHeader:
     """The first page header of a segment (a 'long' header)."""
