@@ -88,6 +88,12 @@ class PolicyInvalid(DrbotError):
     exit_code = 16
 
 
+class SandboxUnavailable(DrbotError):
+    """A drill's sandbox could not be provisioned (no Docker engine, no image, no binaries)."""
+
+    exit_code = 17
+
+
 class DrillFailed(DrbotError):
     """A drill ran but missed its checks or its RTO/RPO targets."""
 

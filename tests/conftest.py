@@ -1,3 +1,3 @@
 """Shared fixtures live in tests/fixtures/; each module there owns one real component."""
 
-pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.pg"]
+pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.pg", "tests.fixtures.docker"]

@@ -121,6 +121,11 @@ class FileAuditTrail:
         self._clock = clock
         self._key: Ed25519PrivateKey | None = None
 
+    def signing_key(self) -> Ed25519PrivateKey:
+        """The audit key (created and published on first use); other signed evidence, such as
+        drill records, is signed with it too."""
+        return self._signing_key()
+
     def _signing_key(self) -> Ed25519PrivateKey:
         if self._key is None:
             self._key = load_signing_key(self.key_path)

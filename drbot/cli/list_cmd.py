@@ -33,9 +33,8 @@ def _windows(
     physical = [b for b in scan.backups if b.manifest.mode == "physical"]
     if not physical:
         return {}
-    from drbot.cli.restore_dir import read_archive
     from drbot.engines.postgres.wal import format_lsn
-    from drbot.ops.pitr import restorable_window
+    from drbot.ops.pitr import read_archive, restorable_window
     from drbot.ops.walstore import KeyCache
 
     storages = build.build_storages(policy)

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from drbot.catalog import CatalogScan, scan_catalog
+from drbot.catalog import scan_catalog
 from drbot.cli import build
 from drbot.cli.common import (
     audit_trail,
@@ -18,19 +18,18 @@ from drbot.cli.common import (
     recording_failure,
     stderr,
 )
-from drbot.engines.postgres.wal import Switch, parse_lsn
-from drbot.errors import DrbotError, UsageError
+from drbot.engines.postgres.wal import parse_lsn
+from drbot.errors import UsageError
 from drbot.ops.pitr import (
     PitrPlan,
     Target,
     ensure_empty_target,
     plan_pitr,
-    segment_size_of,
+    read_archive,
 )
 from drbot.ops.pitr_exec import PitrResult
-from drbot.ops.walstore import KeyCache, WalScan, read_history, scan_wal, with_heartbeats
+from drbot.ops.walstore import KeyCache
 from drbot.settings import Settings
-from drbot.storage.base import Storage
 
 
 def parse_target(at: str | None, lsn: str | None, latest: bool) -> Target:
@@ -53,33 +52,6 @@ def parse_target(at: str | None, lsn: str | None, latest: bool) -> Target:
         except ValueError as exc:
             raise UsageError(f"--lsn: {exc}") from None
     return Target("latest")
-
-
-def read_archive(
-    policy: str, storages: list[Storage], scan: CatalogScan, keys: KeyCache
-) -> tuple[WalScan, dict[int, list[Switch]]]:
-    """What the WAL archive holds (with heartbeats) and its timeline histories, for planning."""
-    wal = with_heartbeats(scan_wal(policy, storages, segment_size_of(scan)), policy, storages, keys)
-    return wal, _load_histories(policy, storages, wal, keys)
-
-
-def _load_histories(
-    policy: str, storages: list[Storage], wal: WalScan, keys: KeyCache
-) -> dict[int, list[Switch]]:
-    """Every timeline history file in the archive (from the first destination that opens it)."""
-    timelines = sorted({t for inv in wal.inventories.values() for t in inv.histories})
-    out: dict[int, list[Switch]] = {}
-    for tli in timelines:
-        for storage in storages:
-            inv = wal.inventories.get(storage.name)
-            if inv is None or tli not in inv.histories:
-                continue
-            try:
-                out[tli] = read_history(policy, storage, tli, keys)
-                break
-            except DrbotError as exc:
-                stderr.print(f"Warning: history of timeline {tli} in {storage.name}: {exc}")
-    return out
 
 
 def plan_json(plan: PitrPlan) -> dict[str, Any]:

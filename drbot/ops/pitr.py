@@ -47,7 +47,7 @@ from drbot.errors import (
 from drbot.ops.artifacts import read_artifact
 from drbot.ops.backup import Counted
 from drbot.ops.walfetch import SpoolProgress, fail_spool_file, fetch_wal_file, put_spool_file
-from drbot.ops.walstore import KeyCache, WalScan
+from drbot.ops.walstore import KeyCache, WalScan, read_history, scan_wal, with_heartbeats
 from drbot.storage.base import Storage
 
 log = structlog.get_logger(__name__)
@@ -147,6 +147,38 @@ def segment_size_of(scan: CatalogScan) -> int:
     if not physical:
         return DEFAULT_SEGMENT_SIZE
     return int(physical[-1].manifest.positions.get("segment_size", DEFAULT_SEGMENT_SIZE))
+
+
+def read_archive(
+    policy: str, storages: Sequence[Storage], scan: CatalogScan, keys: KeyCache
+) -> tuple[WalScan, dict[int, list[Switch]]]:
+    """What the WAL archive holds (with heartbeats) and its timeline histories, for planning."""
+    wal = with_heartbeats(scan_wal(policy, storages, segment_size_of(scan)), policy, storages, keys)
+    return wal, _load_histories(policy, storages, wal, keys)
+
+
+def _load_histories(
+    policy: str, storages: Sequence[Storage], wal: WalScan, keys: KeyCache
+) -> dict[int, list[Switch]]:
+    """Every timeline history file in the archive (from the first destination that opens it)."""
+    timelines = sorted({t for inv in wal.inventories.values() for t in inv.histories})
+    out: dict[int, list[Switch]] = {}
+    for tli in timelines:
+        for storage in storages:
+            inv = wal.inventories.get(storage.name)
+            if inv is None or tli not in inv.histories:
+                continue
+            try:
+                out[tli] = read_history(policy, storage, tli, keys)
+                break
+            except DrbotError as exc:
+                log.warning(
+                    "restore.history_unreadable",
+                    timeline=tli,
+                    destination=storage.name,
+                    error=exc.message,
+                )
+    return out
 
 
 def descendant_timeline(base_tli: int, stop_lsn: int, histories: dict[int, list[Switch]]) -> int:

@@ -352,13 +352,28 @@ class Targets(_Model):
 class Check(_Model):
     """One check run against the restored database; it passes if it returns true."""
 
+    name: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = Field(
+        default=None, description="how drill reports name it (default: check-1, check-2, ...)"
+    )
     sql: Annotated[str, StringConstraints(min_length=1)] = Field(
-        description="a query returning one boolean (PostgreSQL sources)"
+        description="a query whose first column of its first row is true (PostgreSQL sources)"
+    )
+    database: Annotated[str, StringConstraints(min_length=1)] | None = Field(
+        default=None, description="database to run it in (default: the source URI's database)"
     )
 
 
+class RandomWithin(_Model):
+    """Drill a random restore point from the recent past, as AWS Backup restore testing does."""
+
+    random_within: Duration = Field(description="how far back the random point may lie")
+
+
+_MEMORY_RE = r"^[1-9][0-9]*[kmg]$"
+
+
 class Drill(_Model):
-    """How scheduled restore drills run."""
+    """How restore drills run."""
 
     sandbox: Literal["docker", "process"] = Field(
         default="docker", description="docker (no network) or process (local server)"
@@ -368,10 +383,41 @@ class Drill(_Model):
         alias="from",
         description="destination drills restore from: 'rotate' (each in turn) or a name",
     )
+    pick: Literal["latest"] | RandomWithin = Field(
+        default="latest",
+        description="restore point: 'latest', or {random_within: 7d} for a random recent one",
+    )
     checks: list[Check] = Field(default_factory=list)
     image: str | None = Field(
-        default=None, description="sandbox image; default: drbot's image for the source"
+        default=None,
+        description="sandbox image (docker); default: postgres:<major> of the source's version",
     )
+    pull: bool = Field(
+        default=False, description="pull the image if it is missing (never, by default)"
+    )
+    cpus: float | None = Field(default=None, gt=0, le=256, description="CPU limit (docker)")
+    memory: Annotated[str, StringConstraints(pattern=_MEMORY_RE)] | None = Field(
+        default=None, description="memory limit (docker), e.g. 512m or 2g"
+    )
+    timeout: Duration = Field(
+        default=timedelta(hours=2), description="a drill still restoring after this fails"
+    )
+
+    @field_validator("checks")
+    @classmethod
+    def _check_names(cls, checks: list[Check]) -> list[Check]:
+        named = [
+            c if c.name else c.model_copy(update={"name": f"check-{i + 1}"})
+            for i, c in enumerate(checks)
+        ]
+        seen: set[str] = set()
+        for index, check in enumerate(named):
+            if check.name in seen:
+                raise SubfieldError(
+                    f"check name {check.name!r} is used more than once", (index, "name")
+                )
+            seen.add(str(check.name))
+        return named
 
 
 class Policy(_Model):

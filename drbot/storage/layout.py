@@ -188,3 +188,24 @@ def parse_wal_key(policy: str, key: str) -> WalKey | None:
         return WalKey("partial" if m.group(3) else "segment", m.group(2))
     h = _WAL_HISTORY_RE.fullmatch(rest)
     return WalKey("history", h.group(1)) if h else None
+
+
+# -- drill records ---------------------------------------------------------------------------
+#
+#   <policy>/drills/<drill id>.json   one signed drill record (see docs/drills.md)
+#
+# A drill id has the form of a backup id (UTC start time plus randomness), so records sort by time.
+
+
+def drills_prefix(policy: str) -> str:
+    return f"{policy}/drills/"
+
+
+def drill_record_key(policy: str, drill_id: str) -> str:
+    return f"{drills_prefix(policy)}{drill_id}.json"
+
+
+def parse_drill_record_key(policy: str, key: str) -> str | None:
+    """The drill id a record key names; None if `key` is not one."""
+    m = re.fullmatch(re.escape(drills_prefix(policy)) + r"(\d{8}T\d{6}Z-[0-9a-f]{6})\.json", key)
+    return m.group(1) if m else None

@@ -1,0 +1,1 @@
+"""Restore drills: sandboxes (docker, process), checks, planning and the drill runner."""

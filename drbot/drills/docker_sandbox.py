@@ -1,0 +1,201 @@
+"""The docker sandbox: one throwaway container per drill, with no network at all.
+
+The container runs only an idle process (under Docker's init, which reaps the server's
+children); drbot runs each command in it with `exec`, as the image's `postgres` user. The
+work directory is bind-mounted at its own path, and drbot reaches the server through the unix
+socket there. Containers carry the label `drbot.sandbox=drill` plus their work directory, so
+the sweep can remove any a crashed drill left behind. drbot never pulls an image unless the
+policy says `drill.pull: true`.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
+
+from drbot.drills.sandbox import Sandbox, Session, completed, make_workdir
+from drbot.errors import SandboxUnavailable
+
+if TYPE_CHECKING:
+    import subprocess
+
+    from docker import DockerClient
+    from docker.models.containers import Container
+
+log = structlog.get_logger(__name__)
+
+LABEL = "drbot.sandbox"
+LABEL_WORKDIR = "drbot.workdir"
+DB_USER = "postgres"
+"""The user official PostgreSQL images guarantee."""
+
+
+class DockerSession:
+    kind = "docker"
+
+    def __init__(self, container: Container, workdir: Path, image: str) -> None:
+        self.container = container
+        self.workdir = workdir
+        self.description = image
+
+    def run(self, argv: Sequence[str], *, root: bool = False) -> subprocess.CompletedProcess[str]:
+        from docker.errors import DockerException
+
+        try:
+            code, output = self.container.exec_run(
+                list(argv), user="root" if root else DB_USER, demux=True
+            )
+        except DockerException as exc:
+            raise SandboxUnavailable(f"the drill container is gone: {exc}") from exc
+        out, err = output if isinstance(output, tuple) else (output, None)
+        return completed(argv, int(code or 0), out, err)
+
+    def give(self, *paths: Path) -> None:
+        done = self.run(["chown", "-R", f"{DB_USER}:{DB_USER}", *map(str, paths)], root=True)
+        if done.returncode != 0:
+            raise SandboxUnavailable(
+                f"could not hand the restored files to {DB_USER} in the container: "
+                f"{done.stderr.strip()}"
+            )
+
+
+class DockerSandbox:
+    kind = "docker"
+
+    def __init__(
+        self,
+        *,
+        image: str | None = None,
+        pull: bool = False,
+        cpus: float | None = None,
+        memory: str | None = None,
+    ) -> None:
+        self.image = image
+        self.pull = pull
+        self.cpus = cpus
+        self.memory = memory
+
+    def image_for(self, major: int) -> str:
+        return self.image or f"postgres:{major}"
+
+    @contextmanager
+    def provision(self, *, policy: str, major: int) -> Iterator[Session]:
+        client = _client()
+        image = self.image_for(major)
+        self._ensure_image(client, image)
+        workdir = make_workdir()
+        container: Container | None = None
+        try:
+            container = _start(client, image, policy, workdir, self.cpus, self.memory)
+            log.info("drill.sandbox_started", sandbox="docker", image=image, workdir=str(workdir))
+            yield DockerSession(container, workdir, image)
+        finally:
+            _remove(container, workdir)
+
+    def sweep(self) -> int:
+        client = _client()
+        removed = 0
+        for container in client.containers.list(all=True, filters={"label": LABEL}):
+            workdir = container.labels.get(LABEL_WORKDIR)
+            _remove(container, Path(workdir) if workdir else None)
+            removed += 1
+        if removed:
+            log.warning("drill.sandbox_swept", sandbox="docker", removed=removed)
+        return removed
+
+    def _ensure_image(self, client: DockerClient, image: str) -> None:
+        from docker.errors import DockerException, ImageNotFound
+
+        try:
+            client.images.get(image)
+            return
+        except ImageNotFound:
+            pass
+        except DockerException as exc:
+            raise SandboxUnavailable(f"cannot look up image {image}: {exc}") from exc
+        if not self.pull:
+            raise SandboxUnavailable(
+                f"the drill image {image} is not on this Docker engine, and drbot does not "
+                "pull during a drill unless told to",
+                hint="build it (`make images` builds local stand-ins), load it, or set "
+                "drill.pull: true in the policy",
+            )
+        try:
+            log.info("drill.image_pull", image=image)
+            client.images.pull(image)
+        except DockerException as exc:
+            raise SandboxUnavailable(f"could not pull the drill image {image}: {exc}") from exc
+
+
+_: type[Sandbox] = DockerSandbox
+
+
+def _client() -> DockerClient:
+    import docker
+    from docker.errors import DockerException
+
+    try:
+        client = docker.from_env(timeout=120)
+        client.ping()
+    except DockerException as exc:
+        raise SandboxUnavailable(
+            f"cannot reach the Docker engine: {exc}",
+            hint="start it (dockerd --bridge=none), set DOCKER_HOST, or use drill.sandbox: process",
+        ) from exc
+    return client
+
+
+def _start(
+    client: DockerClient,
+    image: str,
+    policy: str,
+    workdir: Path,
+    cpus: float | None,
+    memory: str | None,
+) -> Container:
+    from docker.errors import DockerException
+
+    try:
+        return client.containers.run(
+            image,
+            ["tail", "-f", "/dev/null"],
+            name=f"drbot-drill-{policy}-{secrets.token_hex(4)}",
+            detach=True,
+            init=True,
+            network_mode="none",
+            labels={LABEL: "drill", LABEL_WORKDIR: str(workdir), "drbot.policy": policy},
+            volumes={str(workdir): {"bind": str(workdir), "mode": "rw"}},
+            mem_limit=memory,
+            nano_cpus=int(cpus * 1e9) if cpus else None,
+        )
+    except DockerException as exc:
+        raise SandboxUnavailable(f"could not start a drill container from {image}: {exc}") from exc
+
+
+def _remove(container: Container | None, workdir: Path | None) -> None:
+    """Remove the container and the work directory; never raises (it runs in `finally`)."""
+    from docker.errors import DockerException
+
+    if container is not None:
+        if workdir is not None:
+            # Files the server made belong to the container's user; root inside removes them
+            # even when drbot itself is not root on the host.
+            try:
+                container.exec_run(["find", str(workdir), "-mindepth", "1", "-delete"], user="root")
+            except DockerException as exc:
+                log.debug("drill.sandbox_clean_skipped", error=str(exc))
+        try:
+            container.remove(force=True)
+        except DockerException as exc:
+            log.warning("drill.sandbox_remove_failed", container=container.name, error=str(exc))
+    if workdir is not None and workdir.name.startswith("drbot-drill-"):
+        shutil.rmtree(workdir, ignore_errors=True)
+        if workdir.exists():
+            log.warning("drill.workdir_left", workdir=str(workdir), uid=os.geteuid())

@@ -1,0 +1,116 @@
+"""The process sandbox: the host's own PostgreSQL binaries in a temp directory.
+
+For hosts without Docker. The server listens only on a unix socket in the work directory (no
+TCP), runs as drbot's own user, or, when drbot is root, as the `postgres` OS user (PostgreSQL
+refuses to run as root). Cleanup stops any server still running from the work directory and
+removes it; the sweep does the same for work directories whose drbot process is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import structlog
+
+from drbot.drills.sandbox import WORKDIR_PREFIX, Sandbox, Session, make_workdir, owner_alive
+from drbot.errors import SandboxUnavailable
+
+log = structlog.get_logger(__name__)
+
+ROOT_RUNS_AS = "postgres"
+
+
+class ProcessSession:
+    kind = "process"
+
+    def __init__(self, bin_dir: Path, workdir: Path, run_as: str | None) -> None:
+        self.bin_dir = bin_dir
+        self.workdir = workdir
+        self.run_as = run_as
+        self.description = str(bin_dir)
+
+    def run(self, argv: Sequence[str], *, root: bool = False) -> subprocess.CompletedProcess[str]:
+        cmd = list(argv)
+        tool = self.bin_dir / cmd[0]
+        if "/" not in cmd[0] and tool.exists():
+            cmd[0] = str(tool)
+        if self.run_as is not None and not root:
+            cmd = ["runuser", "-u", self.run_as, "--", *cmd]
+        return subprocess.run(cmd, capture_output=True, text=True, check=False)
+
+    def give(self, *paths: Path) -> None:
+        if self.run_as is None:
+            return
+        pw = pwd.getpwnam(self.run_as)
+        for path in paths:
+            os.chown(path, pw.pw_uid, pw.pw_gid)
+            for root, dirs, files in os.walk(path):
+                for name in (*dirs, *files):
+                    os.lchown(os.path.join(root, name), pw.pw_uid, pw.pw_gid)
+
+
+class ProcessSandbox:
+    kind = "process"
+
+    def __init__(self, bin_dir: Path) -> None:
+        self.bin_dir = bin_dir
+
+    @contextmanager
+    def provision(self, *, policy: str, major: int) -> Iterator[Session]:
+        if not (self.bin_dir / "postgres").exists():
+            raise SandboxUnavailable(f"no PostgreSQL server binaries in {self.bin_dir}")
+        run_as = _run_as()
+        workdir = make_workdir()
+        log.info("drill.sandbox_started", sandbox="process", policy=policy, workdir=str(workdir))
+        try:
+            yield ProcessSession(self.bin_dir, workdir, run_as)
+        finally:
+            _remove(workdir, self.bin_dir, run_as)
+
+    def sweep(self) -> int:
+        removed = 0
+        for workdir in Path(tempfile.gettempdir()).glob(WORKDIR_PREFIX + "*"):
+            if workdir.is_dir() and not owner_alive(workdir):
+                _remove(workdir, self.bin_dir, _run_as())
+                removed += 1
+        if removed:
+            log.warning("drill.sandbox_swept", sandbox="process", removed=removed)
+        return removed
+
+
+_: type[Sandbox] = ProcessSandbox
+
+
+def _run_as() -> str | None:
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam(ROOT_RUNS_AS)
+    except KeyError:
+        raise SandboxUnavailable(
+            f"drbot runs as root and PostgreSQL refuses to; there is no {ROOT_RUNS_AS!r} user "
+            "to run the sandbox server as",
+            hint=f"create the {ROOT_RUNS_AS} user, run drbot as another user, or use the "
+            "docker sandbox",
+        ) from None
+    return ROOT_RUNS_AS
+
+
+def _remove(workdir: Path, bin_dir: Path, run_as: str | None) -> None:
+    """Stop every server running from a data directory in `workdir`, then remove it all."""
+    for pidfile in workdir.glob("*/postmaster.pid"):
+        cmd = [str(bin_dir / "pg_ctl"), "-D", str(pidfile.parent), "-m", "immediate", "-w"]
+        cmd.append("stop")
+        if run_as is not None:
+            cmd = ["runuser", "-u", run_as, "--", *cmd]
+        subprocess.run(cmd, capture_output=True, check=False)
+    shutil.rmtree(workdir, ignore_errors=True)
+    if workdir.exists():
+        log.warning("drill.workdir_left", workdir=str(workdir))
