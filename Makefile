@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both set everything up first.
-.PHONY: demo test check lint typecheck unit contract integration e2e bench lock bootstrap clean
+.PHONY: demo test check lint typecheck unit contract integration e2e bench lock bootstrap images clean
 
 VENV := .venv/bin
 PYTEST_ARGS ?=
@@ -10,7 +10,11 @@ bootstrap:
 demo: bootstrap
 	$(VENV)/drbot demo
 
-test: bootstrap check
+# The Docker engine (started if none answers) and the local stand-ins for the drill images.
+images:
+	./scripts/images.sh
+
+test: bootstrap images check
 	$(VENV)/pytest $(PYTEST_ARGS)
 
 check: lint typecheck
@@ -22,7 +26,7 @@ lint:
 typecheck:
 	$(VENV)/mypy
 
-unit contract integration e2e: bootstrap
+unit contract integration e2e: bootstrap images
 	$(VENV)/pytest tests/$@ $(PYTEST_ARGS)
 
 # Throughput of backup/restore against pg_dump alone, and of each stage (JSON lines).

@@ -454,7 +454,8 @@ def _wait_promoted(
 ) -> datetime | None:
     """Poll until recovery is over (promotion); the last replayed commit's time."""
     info = chk.conninfo(sock, user, "template1")
-    last_status = 0.0
+    begun = last_status = time.monotonic()
+    seen_running = False
     while True:
         try:
             with psycopg.connect(info, autocommit=True, connect_timeout=5) as conn:
@@ -468,13 +469,18 @@ def _wait_promoted(
         if time.monotonic() - last_status > 1:
             last_status = time.monotonic()
             status = session.run(["pg_ctl", "-D", str(data), "status"])
-            if status.returncode == 3:  # no server running: recovery failed
+            seen_running = seen_running or status.returncode == 0
+            # pg_ctl -W returns before the postmaster writes its pid file: "not running" means
+            # stopped only once it ran, or once its log says it failed, or after a grace time.
+            if status.returncode == 3:
                 tail = _log_tail(session, logfile)
-                if "before configured recovery target was reached" in tail:
-                    raise NoRestorePoint(
-                        f"the WAL ends before the drill's restore point; the server said:\n{tail}"
-                    )
-                raise IntegrityFailure(f"the restored server stopped during recovery:\n{tail}")
+                if seen_running or "FATAL" in tail or time.monotonic() - begun > 60:
+                    if "before configured recovery target was reached" in tail:
+                        raise NoRestorePoint(
+                            "the WAL ends before the drill's restore point; the server said:\n"
+                            + tail
+                        )
+                    raise IntegrityFailure(f"the restored server stopped during recovery:\n{tail}")
         if time.monotonic() > deadline:
             raise DrillFailed(
                 "the restored server was still recovering when the drill's timeout "

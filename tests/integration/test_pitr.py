@@ -537,3 +537,57 @@ def test_a_lost_slot_is_a_gap_answered_with_a_new_full_backup(scenario: Scenario
     gaps = [e for e in trail if e["action"] == "wal.gap"]
     assert gaps and gaps[-1]["outcome"] == "failed"
     assert gaps[-1]["subject"]["first_missing"].startswith("00000001")
+
+
+_NO_NETWORK_CHECK = (
+    "    - name: no-network\n"
+    "      sql: SELECT array_agg(n ORDER BY n) = ARRAY['lo'] FROM pg_ls_dir('/sys/class/net') n\n"
+)
+
+
+def _drill(scenario: Scenario, sandbox: str, checks: str) -> dict[str, Any]:
+    """A drill of the streamed chain with these `drill.checks`, and its --json result."""
+    policy = scenario.base / "policies" / "pitr.yaml"
+    text = policy.read_text().split("targets:")[0]
+    policy.write_text(text + "targets:\n  rpo: 1m\n  rto: 10m\ndrill:\n  checks:\n" + checks)
+    res = scenario.drbot("drill", "--policy", "pitr", "--sandbox", sandbox, "--json", timeout=300)
+    assert res.returncode == 0, res.stderr
+    out: dict[str, Any] = json.loads(res.stdout)
+    return out
+
+
+def _check_physical_drill(scenario: Scenario, out: dict[str, Any]) -> None:
+    assert out["passed"] is True
+    checks = {c["name"]: c for c in out["checks"]}
+    for name in ("base_backup", "wal_replay", "amcheck", "rows", "rto", "rpo"):
+        assert checks[name]["passed"], checks[name]
+    # The restore point is a real commit, and the archive was at most one partial interval
+    # (plus shipping) behind the source when the drill started.
+    commits = {ts for _seq, ts in scenario.commits()}
+    assert datetime.fromisoformat(out["restore_point"]) in commits
+    assert 0 <= out["rpo_s"] <= PARTIAL_INTERVAL_S + 3
+    assert set(out["phases"]) >= {"provision", "fetch", "start", "checks"}
+    assert not list(Path(tempfile.gettempdir()).glob("drbot-drill-*"))
+
+
+def test_physical_drill_in_a_container_replays_the_streamed_wal(
+    scenario: Scenario, docker_image: str
+) -> None:
+    from tests.fixtures.docker import drill_containers
+
+    must = _expected_at(scenario.commits(), datetime.now(UTC) - timedelta(seconds=10))
+    rows = f"    - name: rows\n      sql: SELECT count(*) >= {len(must)} FROM counter\n"
+    out = _drill(scenario, "docker", rows + _NO_NETWORK_CHECK)
+    assert out["image"] == docker_image
+    assert {c["name"]: c["passed"] for c in out["checks"]}["no-network"] is True
+    _check_physical_drill(scenario, out)
+    assert not drill_containers()
+    print(f"physical drill in docker: RTO {out['rto_s']}s, phases {out['phases']}")
+
+
+def test_physical_drill_in_the_process_sandbox(scenario: Scenario) -> None:
+    must = _expected_at(scenario.commits(), datetime.now(UTC) - timedelta(seconds=10))
+    rows = f"    - name: rows\n      sql: SELECT count(*) >= {len(must)} FROM counter\n"
+    out = _drill(scenario, "process", rows)
+    assert out["sandbox"] == "process"
+    _check_physical_drill(scenario, out)
