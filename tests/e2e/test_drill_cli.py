@@ -118,3 +118,13 @@ def test_logical_drill_in_the_process_sandbox(e2e: Env) -> None:
     out = json.loads(res.stdout)
     assert out["passed"] and out["sandbox"] == "process"
     assert not _leftover_workdirs()
+
+
+def test_a_missing_image_is_named_and_never_pulled(e2e: Env, docker_image: str) -> None:
+    _add_drill(e2e, "drill:\n  image: drbot-no-such-image:0\n")
+    assert e2e.run("backup", "--policy", "shop").returncode == 0
+    res = e2e.run("drill", "--policy", "shop", timeout=120)
+    assert res.returncode == 17, res.stderr
+    assert "drbot-no-such-image:0 is not on this Docker engine" in res.stderr
+    assert "make images" in res.stderr
+    assert not drill_containers() and not _leftover_workdirs()
