@@ -24,7 +24,7 @@ from drbot.ops.audit_events import (
     record_restore_planned,
     record_verify,
 )
-from drbot.ops.backup import BackupSettings, run_backup
+from drbot.ops.backup import BackupResult, BackupSettings, run_backup
 from drbot.ops.lock import policy_lock
 from drbot.ops.restore import execute_restore, plan_restore
 from drbot.ops.verify import run_verify
@@ -34,6 +34,7 @@ from drbot.storage.open import open_storage
 
 if TYPE_CHECKING:
     from drbot.engines.postgres.localserver import LocalPostgres
+    from drbot.policy.schema import Policy
     from drbot.storage.base import Storage
 
 _POLICY = """\
@@ -61,7 +62,7 @@ targets:
 
 
 def _step(n: int, text: str) -> None:
-    click.secho(f"[{n}/7] {text}", bold=True)
+    click.secho(f"[{n}/8] {text}", bold=True)
 
 
 @click.command("demo")
@@ -86,7 +87,6 @@ def command(workdir: Path) -> None:
     Example:
       drbot demo --dir /tmp/drbot-demo
     """
-    from drbot.engines.postgres.engine import PostgresEngine
     from drbot.engines.postgres.localserver import LocalPostgres
 
     load_settings(None)
@@ -119,35 +119,50 @@ def command(workdir: Path) -> None:
 
         storages = [open_storage(d.name, d.url) for d in policy.destinations]
         keys = FileKeyProvider(key_path)
-        engine = PostgresEngine(source_uri, ["shop"])
 
-        _step(3, "Backing up (pg_dump → zstd → AES-256-GCM → both destinations, read once)")
-        settings = BackupSettings(policy=policy.name, engine_name="postgresql")
-        with policy_lock(root / "state", policy.name):
-            result = run_backup(settings, engine, storages, keys, SystemClock())
-        record_backup(trail, policy.name, result, "full")
-        stored = max(result.stored_bytes.values())
-        click.echo(
-            f"      backup {result.backup_id}: {human_bytes(result.plaintext_bytes)} dumped, "
-            f"{human_bytes(stored)} stored in {', '.join(result.destinations_ok)}"
-        )
-
-        _step(4, "Verifying every stored object in every destination")
-        report = run_verify(policy.name, storages, keys)
-        record_verify(trail, policy.name, report)
-        if not report.ok:
-            raise IntegrityFailure(f"verify found problems: {report.findings}")
-        click.echo(
-            f"      {report.checked_objects} objects, every frame authenticated, SHA-256 matches"
-        )
-
+        result = _backup_and_verify(policy, source_uri, storages, keys, trail, root)
         _restore_and_compare(server, policy.name, storages, keys, trail)
+        _drill(policy, storages, keys, trail, root)
         _check_audit_trail(trail, storages)
     finally:
         server.stop()
         server.remove()
 
     _print_where(root, key_path, policy_path, result.backup_id, time.monotonic() - t_start)
+
+
+def _backup_and_verify(
+    policy: Policy,
+    source_uri: str,
+    storages: list[Storage],
+    keys: FileKeyProvider,
+    trail: FileAuditTrail,
+    root: Path,
+) -> BackupResult:
+    from drbot.engines.postgres.engine import PostgresEngine
+
+    engine = PostgresEngine(source_uri, ["shop"])
+    _step(3, "Backing up (pg_dump → zstd → AES-256-GCM → both destinations, read once)")
+    settings = BackupSettings(policy=policy.name, engine_name="postgresql")
+    with policy_lock(root / "state", policy.name):
+        result = run_backup(settings, engine, storages, keys, SystemClock())
+    record_backup(trail, policy.name, result, "full")
+    stored = max(result.stored_bytes.values())
+    click.echo(
+        f"      backup {result.backup_id}: {human_bytes(result.plaintext_bytes)} dumped, "
+        f"{human_bytes(stored)} stored in {', '.join(result.destinations_ok)}"
+    )
+
+    _step(4, "Verifying every stored object in every destination")
+    report = run_verify(policy.name, storages, keys)
+    record_verify(trail, policy.name, report)
+    if not report.ok:
+        raise IntegrityFailure(f"verify found problems: {report.findings}")
+    click.echo(
+        f"      {report.checked_objects} objects, every frame authenticated, SHA-256 matches"
+    )
+
+    return result
 
 
 def _restore_and_compare(
@@ -185,8 +200,42 @@ def _restore_and_compare(
         click.echo(f"      {name:<20} {t.rows:>7} rows  checksum {t.checksum[:12]}…  match")
 
 
+def _drill(
+    policy: Policy,
+    storages: list[Storage],
+    keys: FileKeyProvider,
+    trail: FileAuditTrail,
+    root: Path,
+) -> None:
+    from drbot.drills.evidence import keep_evidence
+    from drbot.drills.process_sandbox import ProcessSandbox
+    from drbot.drills.runner import DrillContext, run_drill
+    from drbot.engines.postgres.localserver import find_bin_dir
+
+    _step(7, "Drilling: restore into a throwaway sandbox, check, measure RTO and RPO")
+    # The process sandbox needs no Docker; `drbot drill` uses a no-network container by default.
+    bin_dir = find_bin_dir(None, "postgres")
+    report = run_drill(
+        DrillContext(policy, storages, keys, ProcessSandbox(bin_dir), bin_dir),
+        from_destination="primary",
+    )
+    _envelope, stored = keep_evidence(
+        report, load_signing_key(trail.key_path), trail, root / "state", storages
+    )
+    failure = report.failure()
+    if failure is not None:
+        raise failure
+    for check in report.checks:
+        click.echo(f"      {check.name:<20} ok  {check.detail}")
+    phases = ", ".join(f"{k} {v:.1f}s" for k, v in report.phases.items())
+    click.echo(
+        f"      RTO {report.rto_s:.1f}s ({phases}); RPO {report.rpo_s:.1f}s; signed record "
+        f"stored in {', '.join(stored.destinations)}"
+    )
+
+
 def _check_audit_trail(trail: FileAuditTrail, storages: list[Storage]) -> None:
-    _step(7, "Shipping the signed audit trail to both destinations and verifying it from there")
+    _step(8, "Shipping the signed audit trail to both destinations and verifying it from there")
     key = load_signing_key(trail.key_path)
     shipped = ship_trail(trail.directory, storages, key, SystemClock())
     if shipped.failed:
@@ -221,3 +270,8 @@ def _print_where(
     )
     click.echo(f"  drbot audit verify --trail {root}/audit")
     click.echo(f"  drbot audit show --trail {root}/audit")
+    click.echo(
+        f"  DRBOT_DEMO_DB_URI=postgresql://unused DRBOT_STATE_DIR={root}/state "
+        f"DRBOT_AUDIT_DIR={root}/audit drbot drill history --policies {root}/policies "
+        "--policy demo"
+    )

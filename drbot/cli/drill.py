@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from drbot.audit.trail import PUBLIC_NAME, load_public_key
 from drbot.cli import build
 from drbot.cli.common import (
     audit_trail,
@@ -19,7 +20,8 @@ from drbot.cli.common import (
     recording_failure,
     stderr,
 )
-from drbot.drills.record import read_history, seal_record, store_record
+from drbot.drills.evidence import keep_evidence
+from drbot.drills.record import read_history
 from drbot.drills.runner import DrillContext, DrillReport, run_drill
 from drbot.drills.sandbox import Sandbox
 from drbot.errors import UsageError
@@ -128,7 +130,7 @@ def command(
             stderr.print(f"Removed {swept} sandbox(es) left behind by an earlier drill.")
         history, _ = read_history(policy.name, settings.state_dir, [])
         last = next(
-            (h.record.get("destination") for h in reversed(history) if h.signature_ok), None
+            (h.record.get("destination") for h in reversed(history) if h.signature != "bad"), None
         )
         say = (lambda _m: None) if as_json else (lambda m: stderr.print(f"[dim]{m}…[/dim]"))
         report = run_drill(
@@ -150,27 +152,11 @@ def command(
 def _publish(
     settings: Settings, trail: Any, storages: Any, report: DrillReport, as_json: bool
 ) -> None:
-    record = report.to_record()
-    envelope = seal_record(record, trail.signing_key())
-    stored = store_record(envelope, settings.state_dir, storages)
-    failure = report.failure()
-    trail.record(
-        "drill.completed" if report.passed else "drill.failed",
-        policy=report.policy,
-        subject={"drill_id": report.drill_id, "backup_id": report.backup_id},
-        outcome="ok" if report.passed else "failed",
-        details={
-            "destination": report.destination,
-            "restore_point": record["restore_point"],
-            "rto_s": record["rto_s"],
-            "rpo_s": record["rpo_s"],
-            "checks": record["checks"],
-            "record_sha256": envelope["sha256"],
-            "stored_in": list(stored.destinations),
-            "exit_code": report.exit_code,
-            "error": record["error"],
-        },
+    envelope, stored = keep_evidence(
+        report, trail.signing_key(), trail, settings.state_dir, storages
     )
+    record = envelope["record"]
+    failure = report.failure()
     if as_json:
         print_json(
             {**record, "stored_in": list(stored.destinations), "exit_code": report.exit_code}
@@ -187,7 +173,7 @@ def _print(report: DrillReport, stored_in: tuple[str, ...]) -> None:
     verdict = "PASSED" if report.passed else "FAILED"
     click.echo(f"Drill {report.drill_id} of policy {report.policy}: {verdict}")
     click.echo(f"  from        {report.destination} ({report.sandbox} sandbox, {report.image})")
-    click.echo(f"  backup      {report.backup_id} ({report.target})")
+    click.echo(f"  backup      {report.backup_id} (target: {report.target})")
     point = report.restore_point.isoformat() if report.restore_point else "unknown"
     click.echo(f"  reached     {point}")
     rto = f"{report.rto_s:.1f}s" if report.rto_s is not None else "not reached"
@@ -209,13 +195,14 @@ def _print(report: DrillReport, stored_in: tuple[str, ...]) -> None:
 def history_command(policy_name: str, policies_dir: Path | None, as_json: bool) -> None:
     """List past drills of a policy, from the state directory and every destination.
 
-    Each record's signature is checked against this host's audit key; a record that does not
-    verify is shown as such.
+    Each record's signature is checked against this host's audit public key (audit.pub in the
+    audit directory): `ok`, `other-key` (intact, but signed by another host's key, or no key
+    here to check against) or `bad` (the record was altered or damaged).
     """
     settings = load_settings(policies_dir)
     policy = find_policy(settings, policy_name)
-    trail = audit_trail(settings)
-    trusted = trail.signing_key().public_key()
+    public = settings.audit_directory / PUBLIC_NAME
+    trusted = load_public_key(public) if public.exists() else None
     entries, unreachable = read_history(
         policy.name, settings.state_dir, build.build_storages(policy), trusted
     )
@@ -223,10 +210,7 @@ def history_command(policy_name: str, policies_dir: Path | None, as_json: bool) 
         stderr.print(f"Warning: destination {dest} unreachable: {why}")
     if as_json:
         print_json(
-            [
-                {**e.record, "signature_ok": e.signature_ok, "found_in": list(e.found_in)}
-                for e in entries
-            ]
+            [{**e.record, "signature": e.signature, "found_in": list(e.found_in)} for e in entries]
         )
         return
     if not entries:
@@ -237,7 +221,11 @@ def history_command(policy_name: str, policies_dir: Path | None, as_json: bool) 
     for e in entries:
         r = e.record
         verdict = "passed" if r.get("passed") else "FAILED"
-        sig = "" if e.signature_ok else "  (SIGNATURE DOES NOT VERIFY)"
+        sig = {
+            "ok": "",
+            "other-key": "  (signed by another key than this host's audit key)",
+            "bad": "  (ALTERED OR DAMAGED: signature does not verify)",
+        }[e.signature]
         click.echo(
             f"{r.get('drill_id')}  {verdict:6}  from {r.get('destination')}  "
             f"backup {r.get('backup_id')}  RTO {r.get('rto_s')}s  RPO {r.get('rpo_s')}s"

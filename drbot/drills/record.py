@@ -108,8 +108,14 @@ def local_dir(state_dir: Path, policy: str) -> Path:
 @dataclass(frozen=True)
 class HistoryEntry:
     envelope: dict[str, Any]
-    signature_ok: bool
+    signature: str
+    """'ok' (signed by the trusted key), 'other-key' (intact, but signed by another key, or no
+    key to trust was given) or 'bad' (altered or damaged)."""
     found_in: tuple[str, ...]
+
+    @property
+    def signature_ok(self) -> bool:
+        return self.signature == "ok"
 
     @property
     def record(self) -> dict[str, Any]:
@@ -158,7 +164,15 @@ def read_history(
         except (StorageUnavailable, DrbotError) as exc:
             unreachable[storage.name] = exc.message
     entries = [
-        HistoryEntry(env, record_ok(env, trusted), tuple(where))
+        HistoryEntry(env, _signature(env, trusted), tuple(where))
         for (_id, _d), (env, where) in sorted(found.items())
     ]
     return entries, unreachable
+
+
+def _signature(envelope: dict[str, Any], trusted: Ed25519PublicKey | None) -> str:
+    if not record_ok(envelope):
+        return "bad"
+    if trusted is None or not record_ok(envelope, trusted):
+        return "other-key"
+    return "ok"

@@ -317,7 +317,7 @@ def _choose(
         chosen = _Chosen(scan, keys, _major(scan, pitr.backup_id), pitr=pitr)
     else:
         entry = _plan_logical(policy, scan, storage.name, started, at, rng)
-        report.backup_id, report.target = entry.backup_id, f"backup {entry.backup_id}"
+        report.backup_id, report.target = entry.backup_id, report.pick
         newest = max(b.manifest.started_at for b in scan.backups)
         chosen = _Chosen(scan, keys, _major(scan, entry.backup_id), entry=entry)
     report.rpo_s = max(0.0, (started - newest).total_seconds()) if newest else None

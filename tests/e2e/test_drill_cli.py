@@ -58,7 +58,7 @@ def test_logical_drill_in_docker_passes_and_leaves_evidence(e2e: Env, docker_ima
     assert hist.returncode == 0, hist.stderr
     rows = json.loads(hist.stdout)
     assert [r["destination"] for r in rows] == ["primary", "replica"]
-    assert all(r["signature_ok"] for r in rows)
+    assert all(r["signature"] == "ok" for r in rows)
     assert sorted(rows[0]["found_in"]) == ["local", "primary", "replica"]
 
     trail = json.loads(e2e.run("audit", "show", "--policy", "shop", "--json").stdout)

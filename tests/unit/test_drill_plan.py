@@ -115,10 +115,15 @@ def test_history_merges_copies_and_lists_a_tampered_copy_apart(tmp_path: Path) -
     forged = seal_record(_record(passed=False), Ed25519PrivateKey.generate())
     west.put("shop/drills/20261123T100000Z-abcdef.json", [json.dumps(forged).encode()])
     entries, _ = read_history("shop", tmp_path, [east, west], key.public_key())
-    assert sorted((e.found_in, e.signature_ok) for e in entries) == [
-        (("local", "east"), True),
-        (("west",), False),
+    assert sorted((e.found_in, e.signature) for e in entries) == [
+        (("local", "east"), "ok"),
+        (("west",), "other-key"),
     ]
+    # an edited copy that kept the old signature is damaged, not merely foreign
+    edited = {**env, "record": _record(passed=False)}
+    west.put("shop/drills/20261123T100000Z-abcdef.json", [json.dumps(edited).encode()])
+    entries, _ = read_history("shop", tmp_path, [east, west], key.public_key())
+    assert ("west",) in [e.found_in for e in entries if e.signature == "bad"]
 
 
 def test_drill_policy_fields_are_checked(tmp_path: Path) -> None:

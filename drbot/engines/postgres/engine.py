@@ -583,7 +583,9 @@ class PostgresEngine:
             raise _tool_error("psql", target.where("postgres"), proc.returncode, err)
         warnings = [line.strip() for line in err.splitlines() if "ERROR" in line]
         for warning in warnings:
-            log.warning("pg.globals_warning", target=target.where(), warning=warning)
+            # A role that already exists in the target (its superuser, at least) is expected.
+            level = log.info if "already exists" in warning else log.warning
+            level("pg.globals_warning", target=target.where(), warning=warning)
         return warnings
 
     def load(
