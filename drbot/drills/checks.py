@@ -34,9 +34,9 @@ ORDER BY 1
 """
 
 
-def conninfo(socket_dir: Path, user: str, dbname: str) -> str:
+def conninfo(socket_dir: Path, user: str, dbname: str, port: int = PORT) -> str:
     return psycopg.conninfo.make_conninfo(
-        host=str(socket_dir), port=str(PORT), user=user, dbname=dbname, connect_timeout="10"
+        host=str(socket_dir), port=str(port), user=user, dbname=dbname, connect_timeout="10"
     )
 
 
@@ -98,32 +98,53 @@ def amcheck(socket_dir: Path, user: str, dbs: Sequence[str]) -> CheckResult:
     )
 
 
+CHECK_ROLE = "drbot_drill_check"
+
+
+def check_role(socket_dir: Path, superuser: str, dbname: str, *, port: int = PORT) -> str:
+    """A role that can read every table but is no superuser, to run the policy's checks as:
+    a check must not be able to write, or run programs on the host (COPY ... TO PROGRAM)."""
+    with psycopg.connect(conninfo(socket_dir, superuser, dbname, port), autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (CHECK_ROLE,))
+        if exists.fetchone() is None:
+            conn.execute(f"CREATE ROLE {CHECK_ROLE} LOGIN")
+        conn.execute(f"GRANT pg_read_all_data, pg_monitor TO {CHECK_ROLE}")
+    return CHECK_ROLE
+
+
 def custom_checks(
-    socket_dir: Path, user: str, checks: Sequence[Check], default_db: str
+    socket_dir: Path, user: str, checks: Sequence[Check], default_db: str, *, port: int = PORT
 ) -> list[CheckResult]:
     """The policy's own checks; each passes only if its first value is exactly true.
 
-    Each runs in a read-only transaction that is rolled back, so a check cannot change what the
-    next one sees.
+    Each is one statement (a prepared statement refuses more), run by `user` (see `check_role`)
+    in a read-only transaction that is rolled back. What a failing check returned is described
+    by its type only: the record goes to every destination, and values may be personal data.
     """
     out: list[CheckResult] = []
     for check in checks:
         name = str(check.name)
         db = check.database or default_db
         try:
-            with psycopg.connect(conninfo(socket_dir, user, db)) as conn:
+            with psycopg.connect(conninfo(socket_dir, user, db, port)) as conn:
                 conn.execute(f"SET statement_timeout = {_STATEMENT_TIMEOUT_MS}")
                 conn.execute("SET TRANSACTION READ ONLY")
-                row = conn.execute(check.sql).fetchone()
+                row = conn.execute(check.sql, prepare=True).fetchone()
                 conn.rollback()
         except psycopg.Error as exc:
             out.append(CheckResult(name, False, f"failed in database {db}: {_first(exc)}"))
             continue
         value = row[0] if row else None
         passed = value is True
-        out.append(
-            CheckResult(name, passed, f"returned {value!r}" + ("" if passed else ", not true"))
-        )
+        if passed:
+            seen = "returned true"
+        elif row is None:
+            seen = "returned no row, not true"
+        elif value is None or isinstance(value, bool):
+            seen = f"returned {'null' if value is None else 'false'}, not true"
+        else:
+            seen = f"returned a {type(value).__name__}, not a boolean true"
+        out.append(CheckResult(name, passed, seen))
     return out
 
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import socket
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +35,10 @@ log = structlog.get_logger(__name__)
 
 LABEL = "drbot.sandbox"
 LABEL_WORKDIR = "drbot.workdir"
+LABEL_OWNER = "drbot.owner"
+"""host:pid of the drbot process running the drill: the sweep leaves live drills alone."""
+STALE_AFTER = timedelta(days=1)
+"""A container of another host's drbot (a shared engine) is swept only when this old."""
 DB_USER = "postgres"
 """The user official PostgreSQL images guarantee."""
 
@@ -58,11 +64,19 @@ class DockerSession:
         return completed(argv, int(code or 0), out, err)
 
     def give(self, *paths: Path) -> None:
-        done = self.run(["chown", "-R", f"{DB_USER}:{DB_USER}", *map(str, paths)], root=True)
+        self._root(["chown", "-R", f"{DB_USER}:{DB_USER}", *map(str, paths)])
+
+    def give_socket_dir(self, path: Path) -> None:
+        # The server's user owns it; drbot's own group may enter it (drbot need not be root),
+        # nobody else may: the server trusts every connection on that socket.
+        self._root(["chown", f"{DB_USER}:{os.getgid()}", str(path)])
+        self._root(["chmod", "0750", str(path)])
+
+    def _root(self, argv: list[str]) -> None:
+        done = self.run(argv, root=True)
         if done.returncode != 0:
             raise SandboxUnavailable(
-                f"could not hand the restored files to {DB_USER} in the container: "
-                f"{done.stderr.strip()}"
+                f"{' '.join(argv[:2])} failed in the drill container: {done.stderr.strip()}"
             )
 
 
@@ -100,9 +114,13 @@ class DockerSandbox:
             _remove(container, workdir)
 
     def sweep(self) -> int:
+        """Remove containers whose drbot process is gone (on this host), or that are older
+        than a day (another host's, on a shared engine); never a drill that is still running."""
         client = _client()
         removed = 0
         for container in client.containers.list(all=True, filters={"label": LABEL}):
+            if not _abandoned(container):
+                continue
             workdir = container.labels.get(LABEL_WORKDIR)
             _remove(container, Path(workdir) if workdir else None)
             removed += 1
@@ -152,6 +170,28 @@ def _client() -> DockerClient:
     return client
 
 
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _abandoned(container: Container) -> bool:
+    host, _, pid = container.labels.get(LABEL_OWNER, "").rpartition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    created = str(container.attrs.get("Created", ""))
+    try:
+        when = datetime.fromisoformat(created[:26].rstrip("Z") + "+00:00")
+    except ValueError:
+        return False
+    return datetime.now(UTC) - when > STALE_AFTER
+
+
 def _start(
     client: DockerClient,
     image: str,
@@ -162,21 +202,34 @@ def _start(
 ) -> Container:
     from docker.errors import DockerException
 
+    name = f"drbot-drill-{policy}-{secrets.token_hex(4)}"
     try:
         return client.containers.run(
             image,
             ["tail", "-f", "/dev/null"],
-            name=f"drbot-drill-{policy}-{secrets.token_hex(4)}",
+            name=name,
             detach=True,
             init=True,
             network_mode="none",
-            labels={LABEL: "drill", LABEL_WORKDIR: str(workdir), "drbot.policy": policy},
+            labels={
+                LABEL: "drill",
+                LABEL_WORKDIR: str(workdir),
+                LABEL_OWNER: _owner(),
+                "drbot.policy": policy,
+            },
             volumes={str(workdir): {"bind": str(workdir), "mode": "rw"}},
             mem_limit=memory,
             nano_cpus=int(cpus * 1e9) if cpus else None,
         )
-    except DockerException as exc:
-        raise SandboxUnavailable(f"could not start a drill container from {image}: {exc}") from exc
+    except BaseException as exc:
+        # Interrupted (or failed) after the engine created it: do not leave it behind.
+        with suppress(DockerException):
+            client.containers.get(name).remove(force=True)
+        if isinstance(exc, DockerException):
+            raise SandboxUnavailable(
+                f"could not start a drill container from {image}: {exc}"
+            ) from exc
+        raise
 
 
 def _remove(container: Container | None, workdir: Path | None) -> None:

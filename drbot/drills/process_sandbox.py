@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import tempfile
@@ -55,6 +56,11 @@ class ProcessSession:
                 for name in (*dirs, *files):
                     os.lchown(os.path.join(root, name), pw.pw_uid, pw.pw_gid)
 
+    def give_socket_dir(self, path: Path) -> None:
+        if self.run_as is not None:
+            os.chown(path, pwd.getpwnam(self.run_as).pw_uid, os.getgid())
+        os.chmod(path, 0o750)  # noqa: S103 - drbot's group only, to reach the socket
+
 
 class ProcessSandbox:
     kind = "process"
@@ -62,15 +68,29 @@ class ProcessSandbox:
     def __init__(self, bin_dir: Path) -> None:
         self.bin_dir = bin_dir
 
+    def binaries_for(self, major: int) -> Path:
+        """The server binaries of `major` (the configured ones, else Debian's layout)."""
+        found: list[str] = []
+        for candidate in (self.bin_dir, Path(f"/usr/lib/postgresql/{major}/bin")):
+            version = _server_major(candidate)
+            if version is not None and (major in (version, 0)):
+                return candidate
+            if version is not None:
+                found.append(f"{candidate} has PostgreSQL {version}")
+        raise SandboxUnavailable(
+            f"the backup is of PostgreSQL {major}, and this host has no server binaries of that "
+            f"version ({'; '.join(found) or 'none found'})",
+            hint=f"install postgresql-{major}, set source.bin_dir, or use the docker sandbox",
+        )
+
     @contextmanager
     def provision(self, *, policy: str, major: int) -> Iterator[Session]:
-        if not (self.bin_dir / "postgres").exists():
-            raise SandboxUnavailable(f"no PostgreSQL server binaries in {self.bin_dir}")
+        bin_dir = self.binaries_for(major)
         run_as = _run_as()
         workdir = make_workdir()
         log.info("drill.sandbox_started", sandbox="process", policy=policy, workdir=str(workdir))
         try:
-            yield ProcessSession(self.bin_dir, workdir, run_as)
+            yield ProcessSession(bin_dir, workdir, run_as)
         finally:
             _remove(workdir, self.bin_dir, run_as)
 
@@ -86,6 +106,17 @@ class ProcessSandbox:
 
 
 _: type[Sandbox] = ProcessSandbox
+
+
+def _server_major(bin_dir: Path) -> int | None:
+    try:
+        out = subprocess.run(
+            [str(bin_dir / "postgres"), "--version"], capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    m = re.search(r"\) (\d+)", out)
+    return int(m.group(1)) if m else None
 
 
 def _run_as() -> str | None:

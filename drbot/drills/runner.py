@@ -33,6 +33,7 @@ from drbot import __version__
 from drbot.catalog import BackupEntry, CatalogScan, scan_catalog
 from drbot.clock import SystemClock
 from drbot.drills import checks as chk
+from drbot.drills.physical import SERVER_OPTIONS, log_tail, restore_physical, wal_replay_check
 from drbot.drills.plan import (
     CheckResult,
     pick_destination,
@@ -45,12 +46,11 @@ from drbot.engines.postgres.engine import PostgresEngine
 from drbot.errors import (
     DrbotError,
     DrillFailed,
-    IntegrityFailure,
     Interrupted,
     NoRestorePoint,
+    SandboxUnavailable,
 )
 from drbot.ops.pitr import PitrPlan, Target, plan_pitr, read_archive
-from drbot.ops.pitr_exec import execute_pitr
 from drbot.ops.restore import execute_restore, plan_restore
 from drbot.ops.walstore import KeyCache
 from drbot.pipeline.keys import KeyProvider
@@ -62,11 +62,6 @@ log = structlog.get_logger(__name__)
 
 SANDBOX_SUPERUSER = "postgres"
 """The superuser of a cluster drbot initialises in the sandbox for a logical restore."""
-
-_SERVER_OPTIONS = (
-    "-c listen_addresses='' -c ssl=off -c archive_mode=off -c logging_collector=off "
-    "-c shared_buffers=128MB -c hot_standby=on"
-)
 
 
 @dataclass
@@ -335,10 +330,30 @@ def _restore(
     """Restore into the sandbox; the role to log in as, and the databases restored (None: the
     whole cluster, physical)."""
     if chosen.pitr is not None:
-        report.restore_point = _physical(
-            ctx, report, session, chosen.pitr, chosen.scan, storage, chosen.keys, say
+        say(f"Fetching base backup {chosen.pitr.backup_id} and {len(chosen.pitr.wal)} WAL file(s)")
+        user = _source_user(ctx.policy)
+        replayed = restore_physical(
+            session,
+            chosen.pitr,
+            chosen.scan,
+            storage,
+            chosen.keys,
+            bin_dir=ctx.bin_dir,
+            user=user,
+            timeout_s=ctx.policy.drill.timeout.total_seconds(),
+            phase=lambda name: _phase(report, name),
         )
-        return _source_user(ctx.policy), None
+        report.restore_point = replayed.restore_point
+        report.checks.append(
+            CheckResult(
+                "base_backup",
+                True,
+                "every file matched PostgreSQL's backup_manifest, whose SHA-256 matched drbot's "
+                "manifest (pg_verifybackup)",
+            )
+        )
+        report.checks.append(wal_replay_check(replayed))
+        return user, None
     assert chosen.entry is not None
     dbs = _logical(ctx, report, session, chosen.entry, chosen.scan, storage, say)
     report.restore_point = chosen.entry.manifest.started_at
@@ -406,94 +421,6 @@ def _plan_physical(
 # -- restoring into the sandbox ----------------------------------------------------------------
 
 
-def _physical(
-    ctx: DrillContext,
-    report: DrillReport,
-    session: Session,
-    plan: PitrPlan,
-    scan: CatalogScan,
-    storage: Storage,
-    keys: KeyCache,
-    say: Callable[[str], None],
-) -> datetime | None:
-    work = session.workdir
-    data, sock, logs = work / "data", work / "sock", work / "log"
-    with _phase(report, "fetch"):
-        say(f"Fetching base backup {plan.backup_id} and {len(plan.wal)} WAL file(s)")
-        result = execute_pitr(plan, scan, {storage.name: storage}, keys, data, bin_dir=ctx.bin_dir)
-    with _phase(report, "start"):
-        say("Starting the server and replaying WAL")
-        for d in (sock, logs):
-            d.mkdir(mode=0o700)
-        hba = work / "hba.conf"
-        hba.write_text("local all all trust\n")
-        hba.chmod(0o644)
-        conf = data / "postgresql.conf"
-        if not conf.exists():
-            # The source keeps its configuration outside the data directory (Debian's
-            # /etc/postgresql): defaults serve a drill, which only needs to read the data.
-            conf.write_text("# written by drbot for a drill: the source's was not in the backup\n")
-        assert result.spool is not None
-        session.give(data, result.spool, sock, logs)
-        logfile = logs / "server.log"
-        options = f"-p {chk.PORT} -k {sock} -c hba_file={hba} {_SERVER_OPTIONS}"
-        started = session.run(
-            ["pg_ctl", "-D", str(data), "-l", str(logfile), "-o", options, "-W", "start"]
-        )
-        if started.returncode != 0:
-            raise IntegrityFailure(
-                f"the restored server did not start: {started.stderr.strip()}\n"
-                f"{_log_tail(session, logfile)}"
-            )
-        deadline = time.monotonic() + ctx.policy.drill.timeout.total_seconds()
-        return _wait_promoted(session, data, sock, logfile, _source_user(ctx.policy), deadline)
-
-
-def _wait_promoted(
-    session: Session, data: Path, sock: Path, logfile: Path, user: str, deadline: float
-) -> datetime | None:
-    """Poll until recovery is over (promotion); the last replayed commit's time."""
-    info = chk.conninfo(sock, user, "template1")
-    begun = last_status = time.monotonic()
-    seen_running = False
-    while True:
-        try:
-            with psycopg.connect(info, autocommit=True, connect_timeout=5) as conn:
-                row = conn.execute(
-                    "SELECT pg_is_in_recovery(), pg_last_xact_replay_timestamp()"
-                ).fetchone()
-            if row is not None and not row[0]:
-                return row[1] if isinstance(row[1], datetime) else None
-        except psycopg.OperationalError:
-            pass  # starting up, or not yet consistent
-        if time.monotonic() - last_status > 1:
-            last_status = time.monotonic()
-            status = session.run(["pg_ctl", "-D", str(data), "status"])
-            seen_running = seen_running or status.returncode == 0
-            # pg_ctl -W returns before the postmaster writes its pid file: "not running" means
-            # stopped only once it ran, or once its log says it failed, or after a grace time.
-            if status.returncode == 3:
-                tail = _log_tail(session, logfile)
-                if seen_running or "FATAL" in tail or time.monotonic() - begun > 60:
-                    if "before configured recovery target was reached" in tail:
-                        raise NoRestorePoint(
-                            "the WAL ends before the drill's restore point; the server said:\n"
-                            + tail
-                        )
-                    raise IntegrityFailure(f"the restored server stopped during recovery:\n{tail}")
-        if time.monotonic() > deadline:
-            raise DrillFailed(
-                "the restored server was still recovering when the drill's timeout "
-                f"(drill.timeout) ran out:\n{_log_tail(session, logfile)}"
-            )
-        time.sleep(0.3)
-
-
-def _log_tail(session: Session, logfile: Path, lines: int = 20) -> str:
-    done = session.run(["tail", "-n", str(lines), str(logfile)])
-    return done.stdout.strip() or "(no server log)"
-
-
 def _logical(
     ctx: DrillContext,
     report: DrillReport,
@@ -509,7 +436,8 @@ def _logical(
         say("Starting an empty server")
         for d in (data, sock, logs):
             d.mkdir(mode=0o700)
-        session.give(data, sock, logs)
+        session.give(data, logs)
+        session.give_socket_dir(sock)
         init = session.run(
             [
                 "initdb",
@@ -524,7 +452,7 @@ def _logical(
             ]
         )
         if init.returncode != 0:
-            raise DrbotError(f"initdb failed in the sandbox: {init.stderr.strip()}")
+            raise SandboxUnavailable(f"initdb failed in the sandbox: {init.stderr.strip()}")
         logfile = logs / "server.log"
         started = session.run(
             [
@@ -534,7 +462,7 @@ def _logical(
                 "-l",
                 str(logfile),
                 "-o",
-                f"-p {chk.PORT} -k {sock} {_SERVER_OPTIONS}",
+                f"-p {chk.PORT} -k {sock} {SERVER_OPTIONS}",
                 "-w",
                 "-t",
                 "120",
@@ -542,9 +470,9 @@ def _logical(
             ]
         )
         if started.returncode != 0:
-            raise DrbotError(
+            raise SandboxUnavailable(
                 f"the sandbox server did not start: {started.stderr.strip()}\n"
-                f"{_log_tail(session, logfile)}"
+                f"{log_tail(session, logfile)}"
             )
     dbs = [a.database for a in entry.manifest.artifacts if a.kind == "pg_dump" and a.database]
     has_globals = any(a.kind == "pg_globals" for a in entry.manifest.artifacts)
@@ -581,24 +509,6 @@ def _run_checks(
 ) -> None:
     sock = session.workdir / "sock"
     default_db = _source_db(policy)
-    if dbs is None:  # physical: the whole cluster came back
-        report.checks.append(
-            CheckResult(
-                "base_backup",
-                True,
-                "every file matched PostgreSQL's backup_manifest, whose SHA-256 matched drbot's "
-                "manifest (pg_verifybackup)",
-            )
-        )
-        report.checks.append(
-            CheckResult(
-                "wal_replay",
-                True,
-                "every WAL file authenticated and bound to the cluster; recovery reached "
-                + (report.restore_point.isoformat() if report.restore_point else "its end")
-                + " and promoted",
-            )
-        )
     try:
         superuser = chk.find_superuser(sock, login, default_db if dbs is None else dbs[0])
         all_dbs = chk.databases(sock, superuser, "template1") if dbs is None else dbs
@@ -608,4 +518,6 @@ def _run_checks(
         )
         return
     report.checks.append(chk.amcheck(sock, superuser, all_dbs))
-    report.checks += chk.custom_checks(sock, superuser, policy.drill.checks, default_db)
+    if policy.drill.checks:
+        checker = chk.check_role(sock, superuser, default_db if dbs is None else dbs[0])
+        report.checks += chk.custom_checks(sock, checker, policy.drill.checks, default_db)

@@ -25,9 +25,11 @@ class Session(Protocol):
     """A provisioned sandbox.
 
     `run` executes a command inside the sandbox as the database's OS user (`root=True`: as
-    root, docker only) and returns its result without raising for a non-zero exit; it raises
-    `SandboxUnavailable` when the sandbox itself is gone. `give` hands paths under `workdir`
-    to the database user so the server may use them.
+    root in a container; as drbot's own user in the process sandbox) and returns its result
+    without raising for a non-zero exit; it raises `SandboxUnavailable` when the sandbox itself
+    is gone. `give` hands paths under `workdir` to the database user so the server may use them.
+    `give_socket_dir` makes a directory the server's, enterable by drbot's group and nobody
+    else, for the server's unix socket (which trusts every connection).
     """
 
     kind: str
@@ -40,6 +42,8 @@ class Session(Protocol):
     ) -> subprocess.CompletedProcess[str]: ...
 
     def give(self, *paths: Path) -> None: ...
+
+    def give_socket_dir(self, path: Path) -> None: ...
 
 
 class Sandbox(Protocol):

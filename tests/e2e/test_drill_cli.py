@@ -76,7 +76,7 @@ def test_drill_misses_an_impossible_rto_and_a_false_check(e2e: Env, docker_image
     res = e2e.run("drill", "--policy", "shop", timeout=300)
     assert res.returncode == 20, res.stderr
     assert "rto:" in res.stderr and "target 1s" in res.stderr
-    assert "no-orders: returned False, not true" in res.stderr
+    assert "no-orders: returned false, not true" in res.stderr
     assert "FAILED" in res.stdout
     assert not drill_containers() and not _leftover_workdirs()
 
