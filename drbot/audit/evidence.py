@@ -1,6 +1,6 @@
 """Compliance evidence for a period, built from the audit trail alone (pure: no I/O).
 
-For each policy: its backups, restores, verifications, key events and failures in the period,
+For each policy: its backups, restores, drills, verifications, key events and failures in the period,
 and a verdict per control, each with the sequence numbers of the events that show it:
 
 - backups_on_schedule: as many completed backups as the full-backup schedule fired;
@@ -141,10 +141,32 @@ def _policy_evidence(
     return {
         "backups": backups,
         "restores": [_brief(e) for e in restores],
+        "drills": [_drill(e) for e in events if e.action in ("drill.completed", "drill.failed")],
         "verifications": [_brief(e) for e in events if e.action.startswith("verify.")],
         "failures": [_brief(e) for e in failed],
         "policy_changes": [_brief(e) for e in events if e.action.startswith("policy.")],
         "controls": _controls(facts, completed, backups, restores, since, until),
+    }
+
+
+def _drill(event: AuditEvent) -> dict[str, Any]:
+    """A drill as evidence: what was restored from where, RTO/RPO against targets, checks."""
+    d = event.details
+    return {
+        "seq": event.seq,
+        "time": event.time,
+        "drill_id": event.subject.get("drill_id"),
+        "backup_id": event.subject.get("backup_id"),
+        "destination": d.get("destination"),
+        "sandbox": d.get("sandbox"),
+        "restore_point": d.get("restore_point"),
+        "rto_s": d.get("rto_s"),
+        "rpo_s": d.get("rpo_s"),
+        "targets": d.get("targets", {}),
+        "checks": d.get("checks", []),
+        "passed": event.outcome == "ok",
+        "error": d.get("error"),
+        "record_sha256": d.get("record_sha256"),
     }
 
 
@@ -210,18 +232,28 @@ def _controls(
     return controls
 
 
+def _restore_seconds(event: AuditEvent, default: float) -> float:
+    """How long a restore took: a restore's duration, or a drill's RTO (drill start to checks
+    passed)."""
+    d = event.details
+    value = d.get("duration_s", d.get("rto_s"))
+    return default if value is None else float(value)
+
+
 def _restore_control(facts: PolicyFacts, restores: Sequence[AuditEvent]) -> dict[str, Any]:
     passed = [
         e
         for e in restores
-        if e.outcome == "ok" and e.details.get("fingerprint_checked", False) is not False
+        # A drill passes only when all its checks (data checks included) passed.
+        if e.outcome == "ok"
+        and (e.action == "drill.completed" or e.details.get("fingerprint_checked", False))
     ]
     if not passed:
         return _control(NOT_MET, "no restore with a passing data check in the period", restores)
     if facts.rto is None:
         return _control(MET, f"{len(passed)} restore(s) with a passing data check", passed)
     rto = facts.rto.total_seconds()
-    within = [e for e in passed if float(e.details.get("duration_s", rto + 1)) <= rto]
+    within = [e for e in passed if _restore_seconds(e, rto + 1) <= rto]
     return _control(
         MET if within else NOT_MET,
         f"{len(within)} of {len(passed)} passing restore(s) within the RTO of {rto:g}s",

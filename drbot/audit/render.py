@@ -83,7 +83,12 @@ def _timeline(backups: Sequence[dict[str, Any]], failures: Sequence[dict[str, An
 
 def _rto_chart(restores: Sequence[dict[str, Any]], rto_s: float | None) -> str:
     durations = [
-        (r["seq"], float(r["details"].get("duration_s", 0.0)), r["outcome"]) for r in restores
+        (
+            r["seq"],
+            float(r["details"].get("duration_s", r["details"].get("rto_s")) or 0.0),
+            r["outcome"],
+        )
+        for r in restores
     ]
     if not durations:
         return "<p>No restores in the period.</p>"
@@ -153,6 +158,26 @@ def to_html(doc: dict[str, Any], rto_by_policy: dict[str, float | None]) -> str:
                 f"<td>{html.escape(str(b['completed_at']))}</td>"
                 f"<td>{html.escape(str(b['plaintext_bytes']))}</td>"
                 f"<td>{html.escape(copies)}</td><td>{html.escape(b['outcome'])}</td></tr>"
+            )
+        parts.append("</table><h3>Drills</h3><table><tr><th>drill</th><th>from</th>")
+        parts.append("<th>restore point</th><th>RTO / RPO (s)</th><th>checks</th><th>result</th>")
+        parts.append("</tr>")
+        for d in pol.get("drills", []):
+            failed = [c["name"] for c in d["checks"] if not c.get("passed")]
+            checks = f"{len(d['checks'])} run" + (
+                f", failed: {', '.join(failed)}" if failed else ""
+            )
+            parts.append(
+                f"<tr><td class=mono>{html.escape(str(d['drill_id']))}</td>"
+                f"<td>{html.escape(str(d['destination']))}</td>"
+                f"<td>{html.escape(str(d['restore_point']))}</td>"
+                f"<td>{d['rto_s']} / {d['rpo_s']}</td><td>{html.escape(checks)}</td>"
+                + (
+                    '<td><span class="met">passed</span></td>'
+                    if d["passed"]
+                    else '<td><span class="not">failed</span></td>'
+                )
+                + "</tr>"
             )
         parts.append("</table><h3>Failures</h3><table><tr><th>event</th><th>time</th>")
         parts.append("<th>action</th><th>error</th></tr>")

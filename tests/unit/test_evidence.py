@@ -99,3 +99,33 @@ def test_events_outside_the_period_do_not_count() -> None:
 
 def test_weekly_schedule_counts_mondays() -> None:
     assert scheduled_runs("0 6 * * 1", SINCE, SINCE + timedelta(days=28)) == 4
+
+
+def test_drills_are_listed_and_a_passing_drill_within_the_rto_tests_restores() -> None:
+    facts = PolicyFacts("shop", rto=timedelta(minutes=30))
+    checks = [{"name": "amcheck", "passed": True, "detail": "ok"}]
+    fast = _event(
+        2,
+        "drill.completed",
+        subject={"drill_id": "d1", "backup_id": "b1"},
+        details={"destination": "east", "rto_s": 42.0, "rpo_s": 3.0, "checks": checks},
+    )
+    slow = _event(
+        3,
+        "drill.failed",
+        "failed",
+        subject={"drill_id": "d2", "backup_id": "b1"},
+        details={"destination": "west", "rto_s": 4000.0, "rpo_s": 3.0, "checks": checks},
+    )
+    doc = build_evidence([slow], since=SINCE, until=UNTIL, policies=[facts])
+    assert doc["policies"]["shop"]["controls"]["restore_tested"]["status"] == "not met"
+    doc = build_evidence([fast, slow], since=SINCE, until=UNTIL, policies=[facts])
+    shop = doc["policies"]["shop"]
+    assert shop["controls"]["restore_tested"]["status"] == "met"
+    assert [(d["drill_id"], d["destination"], d["passed"]) for d in shop["drills"]] == [
+        ("d1", "east", True),
+        ("d2", "west", False),
+    ]
+    slow_only = _event(4, "drill.completed", details={"rto_s": 4000.0, "checks": checks})
+    doc = build_evidence([slow_only], since=SINCE, until=UNTIL, policies=[facts])
+    assert doc["policies"]["shop"]["controls"]["restore_tested"]["status"] == "not met"
