@@ -1,7 +1,7 @@
 """Compliance evidence for a period, built from the audit trail alone (pure: no I/O).
 
-For each policy: its backups, restores, drills, verifications, key events and failures in the period,
-and a verdict per control, each with the sequence numbers of the events that show it:
+For each policy: its backups, restores, drills, verifications, key events and failures in the
+period, and a verdict per control, each with the sequence numbers of the events that show it:
 
 - backups_on_schedule: as many completed backups as the full-backup schedule fired;
 - encryption_in_force: every backup was made under a recorded key (drbot cannot write an

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from drbot.cli.common import (
     recording_failure,
     stderr,
 )
+from drbot.cli.restore_dir import parse_at
 from drbot.drills.evidence import keep_evidence
 from drbot.drills.record import read_history
 from drbot.drills.runner import DrillContext, DrillReport, run_drill
@@ -40,20 +40,6 @@ def build_sandbox(policy: Any, kind: str | None) -> Sandbox:
 
     d = policy.drill
     return DockerSandbox(image=d.image, pull=d.pull, cpus=d.cpus, memory=d.memory)
-
-
-def _parse_at(at: str | None) -> datetime | None:
-    if at is None:
-        return None
-    try:
-        when = datetime.fromisoformat(at)
-    except ValueError:
-        raise UsageError(
-            f"--at {at!r} is not a time; write ISO 8601, e.g. 2026-11-23T14:05:00Z"
-        ) from None
-    if when.tzinfo is None:
-        raise UsageError(f"--at {at!r} has no time zone; add one (e.g. Z for UTC)")
-    return when.astimezone(UTC)
 
 
 @click.group("drill", invoke_without_command=True)
@@ -117,7 +103,7 @@ def command(
         raise UsageError("--policy is required", hint="drbot drill --policy NAME")
     settings = load_settings(policies_dir)
     policy = find_policy(settings, policy_name)
-    when = _parse_at(at)
+    when = parse_at(at) if at is not None else None
     storages = build.build_storages(policy)
     trail = audit_trail(settings)
     sandbox = build_sandbox(policy, sandbox_kind)

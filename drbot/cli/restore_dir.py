@@ -32,20 +32,25 @@ from drbot.ops.walstore import KeyCache
 from drbot.settings import Settings
 
 
+def parse_at(at: str) -> datetime:
+    """--at TIME as an aware UTC datetime; UsageError naming the problem otherwise."""
+    try:
+        when = datetime.fromisoformat(at)
+    except ValueError:
+        raise UsageError(
+            f"--at {at!r} is not a time; write ISO 8601, e.g. 2026-11-23T14:05:00Z"
+        ) from None
+    if when.tzinfo is None:
+        raise UsageError(f"--at {at!r} has no time zone; add one (e.g. Z for UTC, or +01:00)")
+    return when.astimezone(UTC)
+
+
 def parse_target(at: str | None, lsn: str | None, latest: bool) -> Target:
     given = [x for x in (at, lsn) if x is not None] + (["latest"] if latest else [])
     if len(given) > 1:
         raise UsageError("give at most one of --at, --lsn and --latest")
     if at is not None:
-        try:
-            when = datetime.fromisoformat(at)
-        except ValueError:
-            raise UsageError(
-                f"--at {at!r} is not a time; write ISO 8601, e.g. 2026-11-23T14:05:00Z"
-            ) from None
-        if when.tzinfo is None:
-            raise UsageError(f"--at {at!r} has no time zone; add one (e.g. Z for UTC, or +01:00)")
-        return Target("time", time=when.astimezone(UTC))
+        return Target("time", time=parse_at(at))
     if lsn is not None:
         try:
             return Target("lsn", lsn=parse_lsn(lsn))

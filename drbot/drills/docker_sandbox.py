@@ -24,6 +24,7 @@ import structlog
 
 from drbot.drills.sandbox import Sandbox, Session, completed, make_workdir
 from drbot.errors import SandboxUnavailable
+from drbot.procs import pid_alive
 
 if TYPE_CHECKING:
     import subprocess
@@ -177,13 +178,7 @@ def _owner() -> str:
 def _abandoned(container: Container) -> bool:
     host, _, pid = container.labels.get(LABEL_OWNER, "").rpartition(":")
     if host == socket.gethostname() and pid.isdigit():
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
+        return not pid_alive(int(pid))
     created = str(container.attrs.get("Created", ""))
     try:
         when = datetime.fromisoformat(created[:26].rstrip("Z") + "+00:00")

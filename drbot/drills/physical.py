@@ -63,27 +63,32 @@ class Replayed:
     replayed_all: bool = False
 
 
-def restore_physical(
-    session: Session,
-    plan: PitrPlan,
-    scan: CatalogScan,
-    storage: Storage,
-    keys: KeyCache,
-    *,
-    bin_dir: Path,
-    user: str,
-    timeout_s: float,
-    phase: Phase,
-) -> Replayed:
+@dataclass(frozen=True)
+class Inputs:
+    """What a physical drill restore reads from and runs in."""
+
+    session: Session
+    scan: CatalogScan
+    storage: Storage
+    keys: KeyCache
+    bin_dir: Path
+    """The host's client tools (pg_verifybackup)."""
+    user: str
+    """A role of the restored cluster to read the replay position as."""
+    timeout_s: float
+    phase: Phase
+
+
+def restore_physical(job: Inputs, plan: PitrPlan) -> Replayed:
     """Restore `plan` into the sandbox and promote it; see the module docstring.
 
     Raises `IntegrityFailure` (a damaged base backup or WAL, or a server that fails recovery
     with signs of damage), `NoRestorePoint` (the archive cannot reach the target), `DrillFailed`
-    (the server failed otherwise, or outlasted `timeout_s`), `SandboxUnavailable`, and what
+    (the server failed otherwise, or outlasted the timeout), `SandboxUnavailable`, and what
     `execute_pitr` raises.
     """
     try:
-        return _attempt(session, plan, scan, storage, keys, bin_dir, user, timeout_s, phase)
+        return _attempt(job, plan)
     except _BeforeTarget as exc:
         t, confirmed = plan.target, plan.confirmed_until
         if t.kind != "time" or t.time is None or confirmed is None or t.time > confirmed:
@@ -93,28 +98,19 @@ def restore_physical(
             ) from exc
         replay = Target("lsn", lsn=exc.redo_done) if exc.redo_done else Target("latest")
         log.info("drill.target_after_last_commit", target=t.describe(), replay=replay.describe())
-        _wipe(session)
-        again = dataclasses.replace(plan, target=replay)
-        done = _attempt(session, again, scan, storage, keys, bin_dir, user, timeout_s, phase)
+        _wipe(job.session)
+        done = _attempt(job, dataclasses.replace(plan, target=replay))
         return dataclasses.replace(done, replayed_all=True)
 
 
-def _attempt(
-    session: Session,
-    plan: PitrPlan,
-    scan: CatalogScan,
-    storage: Storage,
-    keys: KeyCache,
-    bin_dir: Path,
-    user: str,
-    timeout_s: float,
-    phase: Phase,
-) -> Replayed:
+def _attempt(job: Inputs, plan: PitrPlan) -> Replayed:
+    session = job.session
     work = session.workdir
     data, sock, logs = work / "data", work / "sock", work / "log"
-    with phase("fetch"):
-        result = execute_pitr(plan, scan, {storage.name: storage}, keys, data, bin_dir=bin_dir)
-    with phase("start"):
+    with job.phase("fetch"):
+        storages = {job.storage.name: job.storage}
+        result = execute_pitr(plan, job.scan, storages, job.keys, data, bin_dir=job.bin_dir)
+    with job.phase("start"):
         for d in (sock, logs):
             d.mkdir(mode=0o700)
         hba = work / "hba.conf"
@@ -138,8 +134,8 @@ def _attempt(
                 f"the restored server did not start: {started.stderr.strip()}\n"
                 f"{log_tail(session, logfile)}"
             )
-        _wait_promoted(session, data, logfile, time.monotonic() + timeout_s)
-        point, lsn = _replay_position(sock, user)
+        _wait_promoted(session, data, logfile, time.monotonic() + job.timeout_s)
+        point, lsn = _replay_position(sock, job.user)
     return Replayed(plan, point, lsn)
 
 

@@ -79,15 +79,15 @@ def store_record(envelope: dict[str, Any], state_dir: Path, storages: Sequence[S
     record = envelope["record"]
     policy, drill_id = record["policy"], record["drill_id"]
     data = encode(envelope)
-    local: Path | None = local_dir(state_dir, policy) / f"{drill_id}.json"
+    path = local_dir(state_dir, policy) / f"{drill_id}.json"
+    local: Path | None = path
     try:
-        assert local is not None
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(local.name + ".tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
         tmp.write_bytes(data)
-        tmp.replace(local)
+        tmp.replace(path)
     except OSError as exc:
-        log.error("drill.record_local_failed", path=str(local), error=str(exc))
+        log.error("drill.record_local_failed", path=str(path), error=str(exc))
         local = None
     stored: list[str] = []
     failed: dict[str, str] = {}

@@ -33,7 +33,13 @@ from drbot import __version__
 from drbot.catalog import BackupEntry, CatalogScan, scan_catalog
 from drbot.clock import SystemClock
 from drbot.drills import checks as chk
-from drbot.drills.physical import SERVER_OPTIONS, log_tail, restore_physical, wal_replay_check
+from drbot.drills.physical import (
+    SERVER_OPTIONS,
+    Inputs,
+    log_tail,
+    restore_physical,
+    wal_replay_check,
+)
 from drbot.drills.plan import (
     CheckResult,
     pick_destination,
@@ -332,17 +338,17 @@ def _restore(
     if chosen.pitr is not None:
         say(f"Fetching base backup {chosen.pitr.backup_id} and {len(chosen.pitr.wal)} WAL file(s)")
         user = _source_user(ctx.policy)
-        replayed = restore_physical(
-            session,
-            chosen.pitr,
-            chosen.scan,
-            storage,
-            chosen.keys,
+        job = Inputs(
+            session=session,
+            scan=chosen.scan,
+            storage=storage,
+            keys=chosen.keys,
             bin_dir=ctx.bin_dir,
             user=user,
             timeout_s=ctx.policy.drill.timeout.total_seconds(),
             phase=lambda name: _phase(report, name),
         )
+        replayed = restore_physical(job, chosen.pitr)
         report.restore_point = replayed.restore_point
         report.checks.append(
             CheckResult(

@@ -16,6 +16,8 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol
 
+from drbot.procs import pid_alive
+
 WORKDIR_PREFIX = "drbot-drill-"
 OWNER_FILE = ".drbot-sandbox"
 """In a work directory: the pid of the drbot process that owns it (for the sweep)."""
@@ -80,13 +82,7 @@ def owner_alive(workdir: Path) -> bool:
         pid = int((workdir / OWNER_FILE).read_text().strip())
     except (OSError, ValueError):
         return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(pid)
 
 
 def completed(

@@ -52,6 +52,7 @@ from drbot.ops.pitr import (
 )
 from drbot.ops.walfetch import write_inventory
 from drbot.ops.walstore import KeyCache
+from drbot.procs import pid_alive
 from drbot.storage.base import Storage
 
 log = structlog.get_logger(__name__)
@@ -352,16 +353,6 @@ def _postmaster_pid(data_dir: Path) -> int | None:
         return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _log_tail(logfile: Path, lines: int = 15) -> str:
     try:
         return "\n".join(logfile.read_text(errors="replace").splitlines()[-lines:])
@@ -392,7 +383,7 @@ def _wait_promoted(uri: str, data_dir: Path, logfile: Path, filler: SpoolFiller)
         # pg_ctl -W returns before the postmaster writes its pid file.
         pid = pid or _postmaster_pid(data_dir)
         starting = pid is None and time.monotonic() - started < 60
-        if not starting and (pid is None or not _alive(pid)):
+        if not starting and (pid is None or not pid_alive(pid)):
             time.sleep(0.3)  # let the log be written
             tail = _log_tail(logfile)
             if filler.failures:

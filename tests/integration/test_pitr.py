@@ -539,29 +539,63 @@ def test_a_lost_slot_is_a_gap_answered_with_a_new_full_backup(scenario: Scenario
     assert gaps[-1]["subject"]["first_missing"].startswith("00000001")
 
 
-def _drill(scenario: Scenario, sandbox: str, checks: str) -> dict[str, Any]:
+def _archived_commits(scenario: Scenario, n: int = 3) -> datetime:
+    """Commit `n` rows with the streamer running and wait until the archive reaches the last
+    of them (whatever earlier tests left running); returns that commit's time."""
+    if scenario.streamer is None or scenario.streamer.poll() is not None:
+        scenario.start_streamer()
+    for _ in range(n):
+        scenario.pg.execute(
+            "postgres", "INSERT INTO counter (seq) VALUES (-1 - (random() * 1e9)::int)"
+        )
+    last = scenario.commits()[-1][1]
+    _wait_archived(scenario, last)
+    return last
+
+
+def _wait_archived(scenario: Scenario, moment: datetime) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        rows = json.loads(scenario.drbot("list", "--policy", "pitr", "--json").stdout)
+        window = rows[-1]["restorable"] if rows else None
+        if window and window["to_time"] and datetime.fromisoformat(window["to_time"]) >= moment:
+            return
+        time.sleep(1)
+    raise AssertionError(f"the archive never reached {moment.isoformat()}")
+
+
+def _drill(scenario: Scenario, sandbox: str, *extra: str, checks: str = "") -> dict[str, Any]:
     """A drill of the streamed chain with these `drill.checks`, and its --json result."""
     policy = scenario.base / "policies" / "pitr.yaml"
     text = policy.read_text().split("targets:")[0]
-    policy.write_text(text + "targets:\n  rpo: 1m\n  rto: 10m\ndrill:\n  checks:\n" + checks)
-    res = scenario.drbot("drill", "--policy", "pitr", "--sandbox", sandbox, "--json", timeout=300)
+    drill = "drill:\n  checks:\n" + checks if checks else ""
+    policy.write_text(text + "targets:\n  rpo: 1m\n  rto: 10m\n" + drill)
+    res = scenario.drbot(
+        "drill", "--policy", "pitr", "--sandbox", sandbox, "--json", *extra, timeout=300
+    )
     assert res.returncode == 0, res.stderr
     out: dict[str, Any] = json.loads(res.stdout)
     return out
 
 
-def _check_physical_drill(scenario: Scenario, out: dict[str, Any]) -> None:
+def _check_physical_drill(scenario: Scenario, out: dict[str, Any], last: datetime) -> None:
     assert out["passed"] is True
     checks = {c["name"]: c for c in out["checks"]}
     for name in ("base_backup", "wal_replay", "amcheck", "rows", "rto", "rpo"):
         assert checks[name]["passed"], checks[name]
-    # The restore point is a real commit, and the archive was at most one partial interval
-    # (plus shipping) behind the source when the drill started.
+    # The restore point is a real commit, no older than the last one the archive held before
+    # the drill, and the archive was at most one partial interval (plus shipping) behind.
     commits = {ts for _seq, ts in scenario.commits()}
-    assert datetime.fromisoformat(out["restore_point"]) in commits
+    reached = datetime.fromisoformat(out["restore_point"])
+    assert reached in commits and reached >= last
     assert 0 <= out["rpo_s"] <= PARTIAL_INTERVAL_S + 3
     assert set(out["phases"]) >= {"provision", "fetch", "start", "checks"}
     assert not list(Path(tempfile.gettempdir()).glob("drbot-drill-*"))
+
+
+def _rows_check(scenario: Scenario) -> str:
+    n = len(scenario.commits())
+    return f"    - name: rows\n      sql: SELECT count(*) >= {n} FROM counter\n"
 
 
 def test_physical_drill_in_a_container_replays_the_streamed_wal(
@@ -569,21 +603,19 @@ def test_physical_drill_in_a_container_replays_the_streamed_wal(
 ) -> None:
     from tests.fixtures.docker import drill_containers
 
-    must = _expected_at(scenario.commits(), datetime.now(UTC) - timedelta(seconds=10))
-    rows = f"    - name: rows\n      sql: SELECT count(*) >= {len(must)} FROM counter\n"
-    out = _drill(scenario, "docker", rows)
+    last = _archived_commits(scenario)
+    out = _drill(scenario, "docker", checks=_rows_check(scenario))
     assert out["image"] == docker_image
-    _check_physical_drill(scenario, out)
+    _check_physical_drill(scenario, out, last)
     assert not drill_containers()
     print(f"physical drill in docker: RTO {out['rto_s']}s, phases {out['phases']}")
 
 
 def test_physical_drill_in_the_process_sandbox(scenario: Scenario) -> None:
-    must = _expected_at(scenario.commits(), datetime.now(UTC) - timedelta(seconds=10))
-    rows = f"    - name: rows\n      sql: SELECT count(*) >= {len(must)} FROM counter\n"
-    out = _drill(scenario, "process", rows)
+    last = _archived_commits(scenario)
+    out = _drill(scenario, "process", checks=_rows_check(scenario))
     assert out["sandbox"] == "process"
-    _check_physical_drill(scenario, out)
+    _check_physical_drill(scenario, out, last)
 
 
 def test_drill_at_a_quiet_moment_replays_everything(scenario: Scenario) -> None:
@@ -591,14 +623,9 @@ def test_drill_at_a_quiet_moment_replays_everything(scenario: Scenario) -> None:
     # complete then, so the drill replays it all, as `drbot restore` does.
     scenario.writer.stop.set()
     scenario.writer.join(timeout=10)
-    at = scenario.commits()[-1][1] + timedelta(seconds=1)
-    time.sleep(PARTIAL_INTERVAL_S + 1)
-    res = scenario.drbot(
-        "drill", "--policy", "pitr", "--sandbox", "process", "--at", at.isoformat(), "--json",
-        timeout=300,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr
-    out = json.loads(res.stdout)
+    at = _archived_commits(scenario) + timedelta(seconds=1)
+    _wait_archived(scenario, at + timedelta(seconds=1))
+    out = _drill(scenario, "process", "--at", at.isoformat())
     replay = {c["name"]: c for c in out["checks"]}["wal_replay"]
     assert replay["passed"] and "everything was replayed" in replay["detail"]
     assert datetime.fromisoformat(out["restore_point"]) <= at
