@@ -94,6 +94,12 @@ class SandboxUnavailable(DrbotError):
     exit_code = 17
 
 
+class KeyInUse(DrbotError):
+    """A key about to be retired still wraps backups or WAL (`drbot keys check`)."""
+
+    exit_code = 18
+
+
 class DrillFailed(DrbotError):
     """A drill ran but missed its checks or its RTO/RPO targets."""
 

@@ -41,7 +41,13 @@ def only_destination(policy: Any, storages: list[Storage], name: str | None) -> 
 
 
 def build_keys(policy: Any) -> KeyProvider:
-    return key_provider_from_ref(policy.encryption.key_ref)
+    """The policy's key, with its previous keys for opening what they still wrap."""
+    from drbot.pipeline.keyring import ring
+
+    enc = policy.encryption
+    return ring(
+        key_provider_from_ref(enc.key_ref), [key_provider_from_ref(r) for r in enc.previous_refs]
+    )
 
 
 def build_engine(policy: Any) -> Engine:

@@ -26,7 +26,8 @@ EXIT_STOP_RECOVERY = 255  # wal fetch: anything but "not archived" must stop Pos
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog="Exit codes: 0 ok, 1 unexpected, 2 usage, 3 partial, 10 no restore point, "
     "11 lock held, 12 key problem, 13 integrity failure, 14 database unreachable, "
-    "15 storage unreachable, 16 invalid policy, 17 no sandbox, 20 drill failed, 130 interrupted.",
+    "15 storage unreachable, 16 invalid policy, 17 no sandbox, 18 key still in use, "
+    "20 drill failed, 130 interrupted.",
 )
 @click.version_option(__version__, prog_name="drbot")
 def cli() -> None:

@@ -36,20 +36,21 @@ def _checked(chunks: Iterable[bytes], rec: ArtifactRecord, where: str) -> Iterat
         )
 
 
-def read_artifact(
-    storage: Storage, rec: ArtifactRecord, data_key: bytes, wrapped: WrappedKey
-) -> Iterator[bytes]:
+def read_artifact(storage: Storage, rec: ArtifactRecord, data_key: bytes) -> Iterator[bytes]:
     """The artifact's plaintext (the engine's dump bytes), streamed and fully checked.
 
+    The data key comes from the manifest, not from the object's header: after a key rotation
+    (`drbot keys rotate`) the manifest holds the data key wrapped under the new key while the
+    object, never rewritten, still carries the old wrapping. The header is authenticated with
+    that data key, so an object from another backup (another data key) fails all the same.
+
     Raises `IntegrityFailure` naming destination and object for any mismatch (size, SHA-256, a
-    frame that fails authentication, a header whose wrapped key differs from the manifest's),
-    `ObjectNotFound` if the object is gone, `StorageUnavailable` if the destination is unreachable.
+    header or frame that fails authentication), `ObjectNotFound` if the object is gone,
+    `StorageUnavailable` if the destination is unreachable.
     """
     where = f"{storage.name}:{rec.key}"
 
-    def unwrap(found: WrappedKey) -> bytes:
-        if found != wrapped:
-            raise IntegrityFailure(f"{where}: the object's key header differs from the manifest")
+    def unwrap(_found: WrappedKey) -> bytes:
         return data_key
 
     try:

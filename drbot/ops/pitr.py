@@ -381,7 +381,7 @@ def unpack_base(
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(mode=0o700, parents=True)
         try:
-            chunks = read_artifact(storages[name], rec, copy.data_key, copy.manifest.wrapped_key)
+            chunks = read_artifact(storages[name], rec, copy.data_key)
             counted = Counted(chunks, rec.name, progress)
             with tarfile.open(fileobj=_ChunkReader(iter(counted)), mode="r|") as tar:  # type: ignore[call-overload]
                 tar.extractall(staging, filter="data")

@@ -276,7 +276,7 @@ def _load(
     for rec in records:
         if rec.name not in wanted:
             continue
-        chunks = read_artifact(storage, rec, copy.data_key, copy.manifest.wrapped_key)
+        chunks = read_artifact(storage, rec, copy.data_key)
         if progress is not None:
             chunks = _report(chunks, rec.name, progress)
         if rec.kind == "pg_globals":

@@ -89,9 +89,7 @@ def run_verify(
             storage = by_name[copy.destination]
             for rec in copy.manifest.artifacts:
                 try:
-                    for chunk in read_artifact(
-                        storage, rec, copy.data_key, copy.manifest.wrapped_key
-                    ):
+                    for chunk in read_artifact(storage, rec, copy.data_key):
                         nbytes += len(chunk)
                         if progress is not None:
                             progress(copy.destination, rec.name, nbytes)

@@ -30,8 +30,9 @@ from drbot.engines.postgres.wal import (
     parse_lsn,
     parse_segment_name,
 )
-from drbot.errors import DrbotError, IntegrityFailure, StorageUnavailable
+from drbot.errors import DrbotError, IntegrityFailure, KeyProblem, StorageUnavailable
 from drbot.ops.fanout import DestinationWriter, new_data_key, read_back, send_stream
+from drbot.ops.rewrap import read_entry
 from drbot.pipeline.compress import compress_chunks, decompress_chunks
 from drbot.pipeline.keys import KeyProvider, WrappedKey
 from drbot.pipeline.stream import DEFAULT_FRAME_SIZE, StreamEncryptor, decrypt_chunks
@@ -85,7 +86,11 @@ class WalShipper:
 
 
 class KeyCache:
-    """Unwraps data keys once per (region, wrapped key): WAL objects share a streamer's key."""
+    """Unwraps data keys once per (region, wrapped key): WAL objects share a streamer's key.
+
+    A wrapped key the policy's keys cannot open is looked up among the destination's
+    re-wrapped entries (`drbot keys rotate`, drbot/ops/rewrap.py) before giving up.
+    """
 
     def __init__(self, keys: KeyProvider) -> None:
         self._keys = keys
@@ -98,6 +103,21 @@ class KeyCache:
             self._cache[(region, wrapped)] = found
         return found
 
+    def unwrap_in(self, wrapped: WrappedKey, storage: Storage) -> bytes:
+        """As `unwrap`, falling back on `storage`'s re-wrapped entry for `wrapped`."""
+        try:
+            return self.unwrap(wrapped, storage.region)
+        except KeyProblem as exc:
+            rewrapped = read_entry(storage, wrapped)
+            if rewrapped is None:
+                raise
+            try:
+                found = self.unwrap(rewrapped, storage.region)
+            except KeyProblem:
+                raise exc from None
+            self._cache[(storage.region, wrapped)] = found
+            return found
+
 
 def read_wal_object(storage: Storage, key: str, keys: KeyCache) -> bytes:
     """The plaintext of one WAL object (at most a segment), authenticated and decompressed.
@@ -109,7 +129,7 @@ def read_wal_object(storage: Storage, key: str, keys: KeyCache) -> bytes:
     try:
         return b"".join(
             decompress_chunks(
-                decrypt_chunks(storage.open(key), lambda w: keys.unwrap(w, storage.region))
+                decrypt_chunks(storage.open(key), lambda w: keys.unwrap_in(w, storage))
             )
         )
     except IntegrityFailure as exc:

@@ -168,6 +168,16 @@ class KmsKeyProvider:
         arn = self._remember_arn(region, response["KeyId"])
         return WrappedKey(key_id=arn, blob=response["CiphertextBlob"])
 
+    def schedule_deletion(self, region: str, days: int = 7) -> str:
+        """Schedule the key of `region` for deletion in `days` (7..30, KMS's own limits); returns
+        its ARN. Until then AWS can still cancel it (CancelKeyDeletion). Raises KeyProblem."""
+        arn = self.key_id(region)
+        try:
+            self._client(region).schedule_key_deletion(KeyId=arn, PendingWindowInDays=days)
+        except (ClientError, BotoCoreError) as exc:
+            raise kms_error(exc, key_ref=self._ref, region=region, action="shred") from None
+        return arn
+
     def unwrap(self, wrapped: WrappedKey, region: str | None) -> bytes:
         """The data key inside `wrapped`, by KMS Decrypt in `region` with the key that made it.
 
@@ -272,7 +282,12 @@ def kms_error(
     return KeyProblem(f"KMS call for key {key_ref} in {region} failed: {exc}")
 
 
-_API = {"describe": "DescribeKey", "generate": "GenerateDataKey", "wrap": "Encrypt"}
+_API = {
+    "describe": "DescribeKey",
+    "generate": "GenerateDataKey",
+    "wrap": "Encrypt",
+    "shred": "ScheduleKeyDeletion",
+}
 
 
 def _client_error(exc: ClientError, *, key_ref: str, region: str, action: str) -> KeyProblem:

@@ -239,11 +239,20 @@ class Encryption(_Model):
     """Which key wraps each backup's data key."""
 
     key: KeyRefText
+    previous_keys: list[KeyRefText] = Field(
+        default_factory=list,
+        description="keys rotated away from: still used to open what they wrap, never to wrap "
+        "(drbot keys rotate, docs/keys.md)",
+    )
 
     @property
     def key_ref(self) -> str:
         """The key reference as text ("file:/keys/shop.key", "kms:alias/drbot-shop")."""
         return str(self.key)
+
+    @property
+    def previous_refs(self) -> list[str]:
+        return [str(k) for k in self.previous_keys]
 
 
 class Compression(_Model):
@@ -495,7 +504,9 @@ class Policy(_Model):
                 f"sql checks need a postgresql source, not {self.source.kind}",
                 ("drill", "checks", 0, "sql"),
             )
-        if self.encryption.key.kind == "kms":
+        if self.encryption.key.kind == "kms" or any(
+            k.kind == "kms" for k in self.encryption.previous_keys
+        ):
             for index, dest in enumerate(self.destinations):
                 if dest.region is None:
                     raise SubfieldError(

@@ -209,3 +209,21 @@ def parse_drill_record_key(policy: str, key: str) -> str | None:
     """The drill id a record key names; None if `key` is not one."""
     m = re.fullmatch(re.escape(drills_prefix(policy)) + r"(\d{8}T\d{6}Z-[0-9a-f]{6})\.json", key)
     return m.group(1) if m else None
+
+
+# -- key rotation ------------------------------------------------------------------------------
+#
+#   keys/rewrapped/<digest>.json   a data key that a WAL object's header wraps under an old key,
+#                                  wrapped again under the new one (see docs/keys.md, "Rotation")
+#
+# The digest is SHA-256 (hex) of key_id, a zero byte, and the old wrapped blob: the same for every
+# object whose header carries that wrapped key, so one entry serves a streamer's whole session.
+
+REWRAP_PREFIX = "keys/rewrapped/"
+
+
+def rewrap_key(key_id: str, blob: bytes) -> str:
+    import hashlib
+
+    digest = hashlib.sha256(key_id.encode() + b"\0" + blob).hexdigest()
+    return f"{REWRAP_PREFIX}{digest}.json"

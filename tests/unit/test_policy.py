@@ -133,7 +133,7 @@ def test_policy_serializes_back_to_the_written_form() -> None:
     dumped = policy.model_dump(mode="json")
 
     assert dumped["targets"] == {"rpo": "5m", "rto": "30m"}
-    assert dumped["encryption"] == {"key": "file:/etc/drbot/keys/shop.key"}
+    assert dumped["encryption"] == {"key": "file:/etc/drbot/keys/shop.key", "previous_keys": []}
     assert dumped["drill"]["from"] == "rotate"
     assert Policy.model_validate(dumped).model_dump(mode="json") == dumped
 
