@@ -19,7 +19,7 @@ from drbot.cli.common import (
     recording_failure,
     stderr,
 )
-from drbot.errors import KeyInUse, PartialFailure, UsageError
+from drbot.errors import IntegrityFailure, KeyInUse, KeyProblem, PartialFailure, UsageError
 from drbot.ops.rotate import (
     KeyInventory,
     RotationPlan,
@@ -27,11 +27,13 @@ from drbot.ops.rotate import (
     execute_rotation,
     inventory,
     key_ids,
+    key_ids_in_use,
     plan_rotation,
+    preflight,
     still_under,
 )
-from drbot.ops.shred import same_key, shred
-from drbot.pipeline.filekey import generate_key_file
+from drbot.ops.shred import ShredRecord, same_key, shred
+from drbot.pipeline.filekey import FileKeyProvider, generate_key_file
 from drbot.pipeline.keyref import key_provider_from_ref, key_ref_needs_region
 
 
@@ -88,45 +90,67 @@ def _summary(inv: KeyInventory) -> dict[str, Any]:
 
 @command.command("rotate")
 @click.option("--policy", "policy_name", required=True, help="Policy whose backups to re-wrap.")
-@click.option("--to", "to_ref", required=True, help="The new key: file:PATH or kms:REF.")
+@click.option(
+    "--to",
+    "to_ref",
+    default=None,
+    help="The new key, file:PATH or kms:REF: the policy's encryption.key [default: that].",
+)
 @click.option("--dry-run", is_flag=True, help="Show what would be re-wrapped; write nothing.")
 @policies_option
 @json_option
 def rotate(
-    policy_name: str, to_ref: str, dry_run: bool, policies_dir: Path | None, as_json: bool
+    policy_name: str, to_ref: str | None, dry_run: bool, policies_dir: Path | None, as_json: bool
 ) -> None:
-    """Re-wrap every data key of a policy under a new key, without touching any data.
+    """Re-wrap every data key of a policy under its new key, without touching any data.
 
-    Every manifest in every destination gets its data key wrapped by the new key (checked by
-    reading it back and opening it with the new key alone); every WAL object's data key gets a
-    re-wrapped entry beside it. Data objects are never read or written: their bytes, ETags and
-    object lock are unchanged. Safe to interrupt and to run again: what is done is skipped,
-    and until the end every backup opens with one of the two keys.
+    First make the policy name the new key and keep the old one for reading, so that every
+    drbot process (a restore during the rotation included) opens backups under either key:
 
-    Afterwards, name the new key in the policy (encryption.key) and the old one under
-    encryption.previous_keys until `drbot keys check` says nothing needs it. Exit 12: the new
-    key is unusable in some region (nothing written); 15: a destination is unreachable;
-    3: some objects could not be re-wrapped (listed; run again).
+    \b
+      encryption:
+        key: file:/etc/drbot/keys/shop-2027.key
+        previous_keys: [file:/etc/drbot/keys/shop-2026.key]
+
+    Then rotate. Every manifest in every destination gets its data key wrapped by the new key
+    (verified in memory with the new key alone before it replaces the old one, and read back
+    after); every WAL data key gets a re-wrapped entry in the destination. Data objects are
+    never read or written: their bytes, ETags and object lock are unchanged. Safe to interrupt
+    and to run again: what is done is skipped. Finally `drbot keys check --key OLD` tells when
+    the old key can leave previous_keys and be destroyed (runbooks/key-rotation.md).
+
+    Exit 12: the new key is unusable in some region, or the old keys do not open the backups
+    (nothing written); 15: a destination is unreachable; 3: some objects could not be
+    re-wrapped (listed; run again); 2: --to is not the policy's key.
 
     \b
     Examples:
-      drbot keys rotate --policy shop --to file:/etc/drbot/keys/shop-2027.key --dry-run
+      drbot keys rotate --policy shop --dry-run
       drbot keys rotate --policy shop --to kms:alias/drbot-shop-2027
     """
     settings = load_settings(policies_dir)
     policy = find_policy(settings, policy_name)
     storages = build.build_storages(policy)
     old = build.build_keys(policy)
+    to_ref = to_ref or policy.encryption.key_ref
     new = key_provider_from_ref(to_ref)
     trail = audit_trail(settings)
-    subject = {"from": old.describe(), "to": new.describe()}
+    subject = {"to": new.describe(), "previous_keys": policy.encryption.previous_refs}
     with recording_failure(trail, "key.rotation_failed", policy=policy.name, subject=subject):
         if key_ref_needs_region(to_ref) and any(s.region is None for s in storages):
             raise UsageError(
                 f"{to_ref} is a KMS key, resolved per region; every destination needs a region"
             )
         to_ids = check_new_key(new, storages)
-        plan = plan_rotation(inventory(policy.name, storages), to_ids)
+        current = key_provider_from_ref(policy.encryption.key_ref)
+        if any(to_ids[s.name] != current.key_id(s.region) for s in storages):
+            raise UsageError(
+                f"{to_ref} is not policy {policy.name}'s encryption.key; name it there first "
+                "(and the old key under encryption.previous_keys), so that every drbot process "
+                "opens backups under either key while they are re-wrapped",
+                hint="runbooks/key-rotation.md, step 2",
+            )
+        plan = plan_rotation(inventory(policy.name, storages, old), to_ids)
         out: dict[str, Any] = {
             "to_key": to_ids,
             "manifests_to_rewrap": len(plan.manifests),
@@ -140,6 +164,7 @@ def rotate(
                 _print_plan(plan)
                 click.echo("Dry run: nothing was written.")
             return
+        preflight(policy.name, plan, storages, old)
         trail.record("key.rotation_started", policy=policy.name, subject=subject, details=out)
         done = execute_rotation(
             policy.name,
@@ -176,11 +201,11 @@ def rotate(
         f"Re-wrapped {done.manifests} manifest(s) and {done.wal_groups} WAL data key(s) under "
         f"{new.describe()}; no data object was touched."
     )
-    click.echo(
-        f"Next: set encryption.key: {to_ref} in the policy, move {old.describe()} to "
-        f"encryption.previous_keys, and retire it once `drbot keys check --policy {policy.name} "
-        f"--key {old.describe()}` reports nothing."
-    )
+    for ref in policy.encryption.previous_refs:
+        click.echo(
+            f"Next: drbot keys check --policy {policy.name} --key {ref}; once it reports "
+            "nothing, remove that key from encryption.previous_keys, then destroy it."
+        )
 
 
 def _print_plan(plan: RotationPlan) -> None:
@@ -196,40 +221,68 @@ def _print_plan(plan: RotationPlan) -> None:
 
 @command.command("check")
 @click.option("--policy", "policy_name", required=True, help="Policy whose objects to check.")
-@click.option("--key", "key_ref", required=True, help="The key to retire: file:PATH or kms:REF.")
+@click.option("--key", "key_ref", default=None, help="The key to retire: file:PATH or kms:REF.")
+@click.option(
+    "--key-id",
+    "key_id_opts",
+    multiple=True,
+    help="Its key id instead (file:<16 hex> or a KMS key ARN; repeat for each region), when "
+    "the key itself is gone or unreadable.",
+)
 @policies_option
 @json_option
-def check(policy_name: str, key_ref: str, policies_dir: Path | None, as_json: bool) -> None:
+def check(
+    policy_name: str,
+    key_ref: str | None,
+    key_id_opts: tuple[str, ...],
+    policies_dir: Path | None,
+    as_json: bool,
+) -> None:
     """List every backup and WAL object of a policy still wrapped only by KEY.
 
     Exit 0 only when nothing needs KEY any more, so it can be destroyed; exit 18 (listing what
-    remains) otherwise. Audit segments and drill records are signed, not encrypted: no key
-    wraps them. The key itself need not be readable: its id is computed, or asked of KMS.
+    remains) otherwise; exit 13 if some object could not be read to tell. A WAL object counts
+    as moved off KEY only if its re-wrapped entry opens with the policy's keys and
+    authenticates the object. Audit segments and drill records are signed, not encrypted: no
+    key wraps them. With --key-id the key need not exist any more (key ids are in manifests,
+    `drbot list --json`, and docs/keys.md shows how to compute a key file's).
 
     \b
-    Example:
+    Examples:
       drbot keys check --policy shop --key file:/etc/drbot/keys/shop-2026.key
+      drbot keys check --policy shop --key-id file:0123456789abcdef
     """
+    if (key_ref is None) == (not key_id_opts):
+        raise UsageError("give the key to check as --key REF or as --key-id ID (one of them)")
     settings = load_settings(policies_dir)
     policy = find_policy(settings, policy_name)
     storages = build.build_storages(policy)
-    provider = key_provider_from_ref(key_ref)
-    ids = key_ids(provider, storages)
-    left = still_under(inventory(policy.name, storages), ids)
+    if key_ref is not None:
+        provider = key_provider_from_ref(key_ref)
+        shown = provider.describe()
+        ids = key_ids(provider, storages)
+    else:
+        shown = ", ".join(key_id_opts)
+        ids = {s.name: set(key_id_opts) for s in storages}
+    left = still_under(inventory(policy.name, storages, build.build_keys(policy)), ids)
     n = len(left.manifests) + sum(g.objects for g in left.wal)
     audit_trail(settings).record(
         "key.checked",
         policy=policy.name,
-        subject={"key": provider.describe(), "key_ids": ids},
-        outcome="ok" if n == 0 else "info",
-        details={"manifests": len(left.manifests), "wal_objects": n - len(left.manifests)},
+        subject={"key": shown, "key_ids": {d: sorted(v) for d, v in ids.items()}},
+        outcome="ok" if n == 0 and not left.problems else "info",
+        details={
+            "manifests": len(left.manifests),
+            "wal_objects": n - len(left.manifests),
+            "problems": left.problems[:20],
+        },
     )
     if as_json:
-        print_json({"key": provider.describe(), "key_ids": ids, "remaining": n, **_summary(left)})
+        print_json({"key": shown, "remaining": n, **_summary(left)})
     elif n == 0:
-        click.echo(f"Nothing of policy {policy.name} needs {provider.describe()} any more.")
+        click.echo(f"Nothing of policy {policy.name} needs {shown} any more.")
     else:
-        click.echo(f"Still wrapped only by {provider.describe()}:")
+        click.echo(f"Still wrapped only by {shown}:")
         for m in left.manifests:
             click.echo(f"  backup    {m.destination}  {m.backup_id}")
         for g in left.wal:
@@ -238,8 +291,13 @@ def check(policy_name: str, key_ref: str, policies_dir: Path | None, as_json: bo
         stderr.print(f"Warning: {problem}")
     if n:
         raise KeyInUse(
-            f"{n} object(s) of policy {policy.name} still need {provider.describe()}",
-            hint=f"drbot keys rotate --policy {policy.name} --to NEW-KEY",
+            f"{n} object(s) of policy {policy.name} still need {shown}",
+            hint=f"drbot keys rotate --policy {policy.name}",
+        )
+    if left.problems:
+        raise IntegrityFailure(
+            f"{len(left.problems)} object(s) could not be read to tell which key they need",
+            hint=f"drbot verify --policy {policy.name}",
         )
 
 
@@ -252,19 +310,42 @@ def check(policy_name: str, key_ref: str, policies_dir: Path | None, as_json: bo
     help="The policy's name again: a typed confirmation that every backup of it is lost.",
 )
 @click.option(
-    "--kms-days", default=7, show_default=True, type=click.IntRange(7, 30), help="KMS wait."
+    "--kms-days",
+    default=7,
+    show_default=True,
+    type=click.IntRange(7, 30),
+    help="Days KMS waits before deleting a KMS key (KMS allows 7 to 30; AWS can cancel "
+    "the deletion until then).",
+)
+@click.option(
+    "--destroyed",
+    "destroyed_ids",
+    multiple=True,
+    help="The id of a key of this policy you already destroyed yourself (repeatable): objects "
+    "it wraps no longer count as readable.",
 )
 @policies_option
 def shred_command(
-    policy_name: str, confirm_name: str, kms_days: int, policies_dir: Path | None
+    policy_name: str,
+    confirm_name: str,
+    kms_days: int,
+    destroyed_ids: tuple[str, ...],
+    policies_dir: Path | None,
 ) -> None:
     """Destroy a policy's keys: every backup of it becomes unreadable, forever.
 
     For an erasure request (GDPR) on backups that object lock keeps: the bytes stay, nothing
     can decrypt them. Key files (encryption.key and previous_keys) are overwritten and
-    removed; KMS keys are scheduled for deletion in every destination's region (after
-    --kms-days; until then AWS can still cancel it). A key that another policy also uses is
-    refused. The audit trail records what was destroyed. There is no undo.
+    removed; KMS keys are scheduled for deletion in every destination's region. Before
+    anything is destroyed drbot reads every manifest, WAL header, re-wrapped entry and data
+    object header of the policy: each key that wraps any of them must be one of the keys being
+    destroyed, and none may be used by another policy (compared by key id, so a copy of a key
+    file under another path counts). An interrupted shred can be run again. Stop every drbot
+    process of this policy first: a running one keeps its key in memory.
+
+    Exit 0: destroyed; 2: wrong --confirm, a key another policy uses, or objects wrapped by a
+    key the policy no longer names; 12: a key could not be destroyed; 15: a destination is
+    unreachable (everything must be read first). There is no undo.
 
     \b
     Example:
@@ -277,32 +358,65 @@ def shred_command(
             f"--confirm must repeat the policy's name ({policy.name!r}) exactly",
             hint=f"drbot keys shred --policy {policy.name} --confirm {policy.name}",
         )
+    storages = build.build_storages(policy)
     refs = [policy.encryption.key_ref, *policy.encryption.previous_refs]
-    for other in load_policies(settings):
-        if other.name == policy.name:
-            continue
-        for ref in refs:
-            if any(
-                same_key(ref, r)
-                for r in (other.encryption.key_ref, *other.encryption.previous_refs)
-            ):
-                raise UsageError(
-                    f"policy {other.name} also uses {ref}; shredding it would destroy that "
-                    "policy's backups too",
-                    hint="give each policy its own key before shredding",
-                )
-    regions = sorted({d.region for d in policy.destinations}, key=str)
     trail = audit_trail(settings)
-    destroyed = []
+    record = ShredRecord(settings.state_dir, policy.name)
     with recording_failure(trail, "key.shred_failed", policy=policy.name, subject={"keys": refs}):
+        mine = {ref: _ids_or_gone(ref, storages) for ref in refs}
+        ids = set().union(*mine.values()) | record.destroyed() | set(destroyed_ids)
+        _refuse_shared(settings, policy, refs, ids)
+        inv = inventory(policy.name, storages, build.build_keys(policy), artifacts=True)
+        outside = {kid for _dest, kid in key_ids_in_use(inv)} - ids
+        if outside:
+            raise UsageError(
+                f"objects of policy {policy.name} are also wrapped by {', '.join(sorted(outside))}"
+                ", which is not among the keys it names; destroying its keys would leave them "
+                "readable",
+                hint="add that key to encryption.previous_keys so it is destroyed too (if no "
+                "other policy uses it), or, if it is already destroyed, pass --destroyed ID",
+            )
         for ref in refs:
-            done = shred(key_provider_from_ref(ref), regions, kms_days=kms_days)
-            destroyed.append({"key": done.ref, "key_ids": list(done.key_ids), "how": done.how})
+            if not mine[ref]:
+                click.echo(f"{ref}: already destroyed.")
+                continue
+            done = shred(
+                key_provider_from_ref(ref), [s.region for s in storages], kms_days=kms_days
+            )
+            record.add(done.key_ids)
+            trail.record(
+                "key.shredded",
+                policy=policy.name,
+                subject={"key": done.ref, "key_ids": list(done.key_ids)},
+                details={"how": done.how},
+            )
             click.echo(f"Destroyed {done.ref} ({', '.join(done.key_ids)}): {done.how}.")
-    trail.record(
-        "key.shredded", policy=policy.name, subject={"keys": refs}, details={"destroyed": destroyed}
-    )
     click.echo(
         f"Every backup of policy {policy.name} is now unreadable. Remove the policy file, and "
         "its objects once object lock allows."
     )
+
+
+def _ids_or_gone(ref: str, storages: list[Any]) -> set[str]:
+    """The key's ids in the destinations' regions; empty if it is a key file already gone."""
+    provider = key_provider_from_ref(ref)
+    if isinstance(provider, FileKeyProvider) and not provider.path.exists():
+        return set()
+    return {provider.key_id(s.region) for s in storages}
+
+
+def _refuse_shared(settings: Any, policy: Any, refs: list[str], ids: set[str]) -> None:
+    for other in load_policies(settings):
+        if other.name == policy.name:
+            continue
+        for theirs in (other.encryption.key_ref, *other.encryption.previous_refs):
+            try:
+                shared = bool(_ids_or_gone(theirs, build.build_storages(other)) & ids)
+            except KeyProblem:
+                shared = False  # unreadable: fall back on comparing the references
+            if shared or any(same_key(ref, theirs) for ref in refs):
+                raise UsageError(
+                    f"policy {other.name} also uses {theirs}, a key of policy {policy.name}; "
+                    "shredding it would destroy that policy's backups too",
+                    hint="rotate one of the policies to a key of its own first",
+                )

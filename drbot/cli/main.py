@@ -40,6 +40,7 @@ def cli() -> None:
       drbot backup --policy shop            take a full backup now
       drbot wal stream --policy shop        archive WAL continuously (physical policies)
       drbot list --policy shop              what can be restored, and to when
+      drbot drill --policy shop             prove it: restore into a no-network container, check
       drbot restore --policy shop --to-dir /srv/pg/restored --at 2026-11-23T14:05:00Z --dry-run
     """
 

@@ -19,17 +19,19 @@ two keys. Audit segments and drill records are signed, not encrypted: no key wra
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
 from drbot.errors import IntegrityFailure, KeyProblem, StorageUnavailable
 from drbot.manifest import authenticate_manifest, encode_manifest, read_manifest_unverified
 from drbot.ops.rewrap import read_entry, write_entry
-from drbot.ops.walstore import list_wal
 from drbot.pipeline.keys import KeyProvider, WrappedKey
-from drbot.pipeline.stream import parse_header
+from drbot.pipeline.stream import StreamHeader, parse_header
 from drbot.storage import layout
 from drbot.storage.base import Storage
 
@@ -65,24 +67,41 @@ class WalGroup:
 class KeyInventory:
     manifests: list[ManifestItem] = field(default_factory=list)
     wal: list[WalGroup] = field(default_factory=list)
+    artifact_key_ids: set[tuple[str, str]] = field(default_factory=set)
+    """(destination, key id) of the wrappings in data objects' own headers: what they were
+    written under. Rotation leaves them; only shredding cares (see `inventory`)."""
     problems: list[str] = field(default_factory=list)
 
 
-def inventory(policy: str, storages: Sequence[Storage]) -> KeyInventory:
+def inventory(
+    policy: str,
+    storages: Sequence[Storage],
+    keys: KeyProvider | None = None,
+    *,
+    artifacts: bool = False,
+) -> KeyInventory:
     """Which key wraps each manifest and each group of WAL objects, in every destination.
 
-    Reads manifests without authenticating them and the first bytes of each WAL object; never
-    needs a key. Raises `StorageUnavailable` for an unreachable destination (a rotation or a
-    retirement check must see everything). Damaged objects are listed in `problems`.
+    Reads manifests without authenticating them and the first bytes of each WAL object (and,
+    with `artifacts`, of each data object). A group's re-wrapped entry counts only if `keys`
+    is given and the entry opens with them into the data key that authenticates the group's
+    header: an entry that does not is listed in `problems` and the group stays under its old
+    key. Raises `StorageUnavailable` for an unreachable destination (a rotation or a retirement
+    check must see everything). Damaged objects are listed in `problems`.
     """
     inv = KeyInventory()
     for storage in storages:
         for obj in storage.list(layout.backups_prefix(policy)):
             parsed = layout.parse_key(policy, obj.key)
-            if parsed is None or not parsed.is_manifest:
+            if parsed is None:
                 continue
             where = f"{storage.name}:{obj.key}"
             try:
+                if not parsed.is_manifest:
+                    if artifacts:
+                        head = _header(storage, obj.key)
+                        inv.artifact_key_ids.add((storage.name, head.wrapped.key_id))
+                    continue
                 manifest, _body, _mac = read_manifest_unverified(
                     b"".join(storage.open(obj.key)), where=where
                 )
@@ -92,27 +111,52 @@ def inventory(policy: str, storages: Sequence[Storage]) -> KeyInventory:
             inv.manifests.append(
                 ManifestItem(storage.name, parsed.backup_id, manifest.wrapped_key.key_id)
             )
-        groups: dict[WrappedKey, list[str]] = {}
-        wal_inv = list_wal(policy, storage)
-        objects = [
-            *wal_inv.segments.values(),
-            *wal_inv.partials.values(),
-            *wal_inv.histories.values(),
-            *([wal_inv.heartbeat] if wal_inv.heartbeat else []),
-        ]
-        for obj in objects:
-            try:
-                head = parse_header(storage.open(obj.key, offset=0, length=_HEADER_PROBE))
-            except IntegrityFailure as exc:
-                inv.problems.append(f"{storage.name}:{obj.key}: {exc.message}")
+        groups: dict[WrappedKey, list[tuple[str, StreamHeader]]] = {}
+        # Every WAL object drbot recognises, whatever the cluster's segment size.
+        for obj in storage.list(layout.wal_prefix(policy)):
+            if layout.parse_wal_key(policy, obj.key) is None:
                 continue
-            groups.setdefault(head.wrapped, []).append(obj.key)
-        for wrapped, keys in groups.items():
-            entry = read_entry(storage, wrapped)
-            inv.wal.append(
-                WalGroup(storage.name, wrapped, len(keys), keys[0], entry.key_id if entry else None)
-            )
+            try:
+                head = _header(storage, obj.key)
+            except IntegrityFailure as exc:
+                inv.problems.append(exc.message)
+                continue
+            groups.setdefault(head.wrapped, []).append((obj.key, head))
+        for wrapped, members in groups.items():
+            to = _checked_entry(storage, wrapped, members[0], keys, inv.problems)
+            inv.wal.append(WalGroup(storage.name, wrapped, len(members), members[0][0], to))
     return inv
+
+
+def _header(storage: Storage, key: str) -> StreamHeader:
+    try:
+        return parse_header(storage.open(key, offset=0, length=_HEADER_PROBE))
+    except IntegrityFailure as exc:
+        raise IntegrityFailure(f"{storage.name}:{key}: {exc.message}") from None
+
+
+def _checked_entry(
+    storage: Storage,
+    wrapped: WrappedKey,
+    example: tuple[str, StreamHeader],
+    keys: KeyProvider | None,
+    problems: list[str],
+) -> str | None:
+    """The key id of `wrapped`'s re-wrapped entry, if it holds the right data key."""
+    where = f"{storage.name}: re-wrapped entry for WAL objects like {example[0]}"
+    try:
+        entry = read_entry(storage, wrapped)
+    except IntegrityFailure as exc:
+        problems.append(exc.message)
+        return None
+    if entry is None or keys is None:
+        return None
+    try:
+        example[1].authenticate(keys.unwrap(entry, storage.region))
+    except (KeyProblem, IntegrityFailure) as exc:
+        problems.append(f"{where}: ignored, it does not open that object's header ({exc.message})")
+        return None
+    return entry.key_id
 
 
 @dataclass(frozen=True)
@@ -163,6 +207,30 @@ def check_new_key(new: KeyProvider, storages: Sequence[Storage]) -> dict[str, st
     return ids
 
 
+def preflight(
+    policy: str, plan: RotationPlan, storages: Sequence[Storage], old: KeyProvider
+) -> None:
+    """Open the first planned item of each destination with the current keys, so a missing or
+    wrong old key stops the rotation (`KeyProblem`, exit 12) before anything is written."""
+    by_name = {s.name: s for s in storages}
+    seen: set[str] = set()
+    for item in plan.manifests:
+        if item.destination in seen:
+            continue
+        seen.add(item.destination)
+        storage = by_name[item.destination]
+        key = layout.manifest_key(policy, item.backup_id)
+        authenticate_manifest(
+            b"".join(storage.open(key)),
+            functools.partial(old.unwrap, region=storage.region),
+            where=f"{storage.name}:{key}",
+        )
+    for group in plan.wal:
+        if group.destination not in seen:
+            seen.add(group.destination)
+            _group_data_key(group, by_name[group.destination], old)
+
+
 def execute_rotation(
     policy: str,
     plan: RotationPlan,
@@ -192,7 +260,7 @@ def execute_rotation(
         storage = by_name[group.destination]
         what = f"{storage.name}: WAL objects like {group.example}"
         try:
-            data_key = old.unwrap(group.wrapped, storage.region)
+            data_key = _group_data_key(group, storage, old)
             rewrapped = new.wrap(data_key, storage.region)
             write_entry(storage, group.wrapped, rewrapped)
             back = read_entry(storage, group.wrapped)
@@ -208,6 +276,25 @@ def execute_rotation(
     return result
 
 
+def _group_data_key(group: WalGroup, storage: Storage, old: KeyProvider) -> bytes:
+    """The data key of a WAL group, through its header's wrapping or, once that key is
+    retired (a second rotation), through its existing re-wrapped entry; proven against the
+    header of one of its objects before it is wrapped again."""
+    try:
+        data_key = old.unwrap(group.wrapped, storage.region)
+    except KeyProblem:
+        entry = read_entry(storage, group.wrapped)
+        if entry is None:
+            raise
+        data_key = old.unwrap(entry, storage.region)
+    _header(storage, group.example).authenticate(data_key)
+    return data_key
+
+
+_REWRAPPED_FIELDS = ("key", "mac", "fingerprints_sealed")
+"""What re-wrapping changes in a stored manifest; everything else must stay byte-equal."""
+
+
 def _rewrap_manifest(
     policy: str, item: ManifestItem, storage: Storage, old: KeyProvider, new: KeyProvider
 ) -> None:
@@ -218,27 +305,52 @@ def _rewrap_manifest(
         raw, lambda w: old.unwrap(w, storage.region), where=where
     )
     rewrapped = dataclasses.replace(manifest, wrapped_key=new.wrap(data_key, storage.region))
-    storage.put(key, [encode_manifest(rewrapped, data_key)])
-    # Read back and open with the new key alone: only then is the old wrapping gone for good.
-    back, back_key = authenticate_manifest(
-        b"".join(storage.open(key)), lambda w: new.unwrap(w, storage.region), where=where
+    encoded = encode_manifest(rewrapped, data_key)
+    # Verified before it replaces anything: opens with the new key alone, same data key, same
+    # manifest, and no field of the stored one lost (a field this drbot does not know).
+    check, check_key = authenticate_manifest(
+        encoded, lambda w: new.unwrap(w, storage.region), where=where
     )
-    same = dataclasses.replace(back, wrapped_key=manifest.wrapped_key) == manifest
-    if back_key != data_key or not same:
-        # The put replaced the manifest with something else: put the original back.
+    if (
+        check_key != data_key
+        or dataclasses.replace(check, wrapped_key=manifest.wrapped_key) != manifest
+        or _unchanged_part(encoded) != _unchanged_part(raw)
+    ):
+        raise IntegrityFailure(f"{where}: re-wrapping would change the manifest; left as it was")
+    storage.put(key, [encoded])
+    try:
+        stored = b"".join(storage.open(key))
+    except StorageUnavailable:
+        stored = None
+    if stored != encoded:
+        # Not what was verified (or unreadable now): put the original back, best effort.
         storage.put(key, [raw])
         raise IntegrityFailure(f"{where}: the re-wrapped manifest did not read back the same")
 
 
-def still_under(inv: KeyInventory, key_ids: dict[str, str]) -> KeyInventory:
-    """The part of `inv` still wrapped by the key whose id per destination is `key_ids`."""
+def _unchanged_part(raw: bytes) -> dict[str, Any]:
+    body = json.loads(raw)
+    return {k: v for k, v in body.items() if k not in _REWRAPPED_FIELDS}
+
+
+def still_under(inv: KeyInventory, ids: dict[str, set[str]]) -> KeyInventory:
+    """The part of `inv` still wrapped only by a key whose id, per destination, is in `ids`."""
     return KeyInventory(
-        manifests=[m for m in inv.manifests if m.key_id == key_ids.get(m.destination)],
-        wal=[g for g in inv.wal if g.effective_key_id == key_ids.get(g.destination)],
+        manifests=[m for m in inv.manifests if m.key_id in ids.get(m.destination, set())],
+        wal=[g for g in inv.wal if g.effective_key_id in ids.get(g.destination, set())],
         problems=list(inv.problems),
     )
 
 
-def key_ids(provider: KeyProvider, storages: Sequence[Storage]) -> dict[str, str]:
+def key_ids_in_use(inv: KeyInventory) -> set[tuple[str, str]]:
+    """(destination, key id) of every wrapping that opens something: manifests, WAL headers,
+    WAL re-wrapped entries, and data objects' own headers (needs `inventory(artifacts=True)`)."""
+    used = {(m.destination, m.key_id) for m in inv.manifests}
+    used |= {(g.destination, g.wrapped.key_id) for g in inv.wal}
+    used |= {(g.destination, g.rewrapped_to) for g in inv.wal if g.rewrapped_to}
+    return used | inv.artifact_key_ids
+
+
+def key_ids(provider: KeyProvider, storages: Sequence[Storage]) -> dict[str, set[str]]:
     """`provider`'s key id in each destination's region. Raises `KeyProblem`."""
-    return {s.name: provider.key_id(s.region) for s in storages}
+    return {s.name: {provider.key_id(s.region)} for s in storages}

@@ -9,6 +9,7 @@ A key another policy also uses is never destroyed: the caller checks that first.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,27 @@ def same_key(a: str, b: str) -> bool:
     if a.startswith("file:") and b.startswith("file:"):
         return Path(a[5:]).resolve() == Path(b[5:]).resolve()
     return a == b
+
+
+class ShredRecord:
+    """The key ids a shred of a policy destroyed so far, kept in the state directory, so an
+    interrupted shred run again still knows the ids of key files it already removed."""
+
+    def __init__(self, state_dir: Path, policy: str) -> None:
+        self.path = state_dir / "shredded" / f"{policy}.json"
+
+    def destroyed(self) -> set[str]:
+        try:
+            return set(json.loads(self.path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return set()
+
+    def add(self, key_ids: Sequence[str]) -> None:
+        ids = sorted(self.destroyed() | set(key_ids))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(ids) + "\n")
+        tmp.replace(self.path)
 
 
 def shred(provider: KeyProvider, regions: Sequence[str | None], *, kms_days: int = 7) -> Shredded:

@@ -33,18 +33,28 @@ class KeyRing:
         return self.current.wrap(data_key, region)
 
     def unwrap(self, wrapped: WrappedKey, region: str | None) -> bytes:
-        """The data key, from the key whose id made `wrapped`; if none of them claims it, the
-        current key's error (which names the key the blob needs)."""
-        first: KeyProblem | None = None
+        """The data key, from the key whose id made `wrapped`. The error raised is that key's
+        own (e.g. "too permissive") when one of them made it, else the current key's (which
+        names the key the blob needs)."""
+        current_error: KeyProblem | None = None
         for provider in (self.current, *self.previous):
             try:
-                if provider.key_id(region) != wrapped.key_id and provider is not self.current:
+                made_it = provider.key_id(region) == wrapped.key_id
+            except KeyProblem as exc:
+                made_it = False
+                if provider is self.current:
+                    current_error = exc
                     continue
+            if not made_it and provider is not self.current:
+                continue
+            try:
                 return provider.unwrap(wrapped, region)
             except KeyProblem as exc:
-                first = first or exc
-        assert first is not None  # the current key was tried and failed
-        raise first
+                if made_it:
+                    raise
+                current_error = current_error or exc
+        assert current_error is not None  # the current key was tried and failed
+        raise current_error
 
 
 def ring(current: KeyProvider, previous: Sequence[KeyProvider]) -> KeyProvider:

@@ -172,8 +172,11 @@ class KmsKeyProvider:
         """Schedule the key of `region` for deletion in `days` (7..30, KMS's own limits); returns
         its ARN. Until then AWS can still cancel it (CancelKeyDeletion). Raises KeyProblem."""
         arn = self.key_id(region)
+        client = self._client(region)
         try:
-            self._client(region).schedule_key_deletion(KeyId=arn, PendingWindowInDays=days)
+            state = client.describe_key(KeyId=arn)["KeyMetadata"].get("KeyState")
+            if state != "PendingDeletion":  # already scheduled: an interrupted shred, rerun
+                client.schedule_key_deletion(KeyId=arn, PendingWindowInDays=days)
         except (ClientError, BotoCoreError) as exc:
             raise kms_error(exc, key_ref=self._ref, region=region, action="shred") from None
         return arn

@@ -40,6 +40,18 @@ def test_rotate_then_check_then_restore_with_the_new_key_alone(e2e: Env) -> None
     assert held.returncode == 18, held.stderr
     assert held.stdout.count("backup ") == 4  # two backups, two destinations
 
+    # The key must be the policy's before rotating to it: every process then opens both.
+    early = e2e.run("keys", "rotate", "--policy", "shop", "--to", f"file:{new}")
+    assert early.returncode == 2 and "previous_keys" in early.stderr
+    _policy(e2e).write_text(
+        _policy(e2e)
+        .read_text()
+        .replace(
+            "  key: file:${DRBOT_KEY_DIR}/shop.key",
+            "  key: file:${DRBOT_KEY_DIR}/shop-2027.key\n"
+            "  previous_keys:\n    - file:${DRBOT_KEY_DIR}/shop.key",
+        )
+    )
     dry = e2e.run("keys", "rotate", "--policy", "shop", "--to", f"file:{new}", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "To re-wrap: 4 manifest(s)" in dry.stdout and _objects(e2e) == before
@@ -50,15 +62,20 @@ def test_rotate_then_check_then_restore_with_the_new_key_alone(e2e: Env) -> None
     after = _objects(e2e)
     changed = {k for k in before if after[k] != before[k]}
     assert changed and all(k.endswith("/manifest.json") for k in changed)  # no data object
-    again = e2e.run("keys", "rotate", "--policy", "shop", "--to", f"file:{new}", "--json")
+    again = e2e.run("keys", "rotate", "--policy", "shop", "--json")  # --to: the policy's key
     assert again.returncode == 0 and json.loads(again.stdout)["manifests_rewrapped"] == 0
 
     free = e2e.run("keys", "check", "--policy", "shop", "--key", f"file:{old}", "--json")
     assert free.returncode == 0, free.stderr
     assert json.loads(free.stdout)["remaining"] == 0
 
-    # The policy now names the new key only; the old key file is gone: restores still work.
-    _policy(e2e).write_text(_policy(e2e).read_text().replace("shop.key", "shop-2027.key"))
+    # The old key leaves the policy and is destroyed: restores still work.
+    _policy(e2e).write_text(
+        _policy(e2e)
+        .read_text()
+        .replace("  previous_keys:\n    - file:${DRBOT_KEY_DIR}/shop.key\n", "")
+    )
+    assert "previous_keys" not in _policy(e2e).read_text()
     old.unlink()
     e2e.pg.create_database("shop_rotated")
     restored = e2e.run("restore", "--policy", "shop", "--to", e2e.pg.uri("shop_rotated"), "--yes")
@@ -72,14 +89,40 @@ def test_rotate_then_check_then_restore_with_the_new_key_alone(e2e: Env) -> None
 def test_an_unusable_new_key_is_refused_and_nothing_is_written(e2e: Env) -> None:
     assert e2e.run("backup", "--policy", "shop").returncode == 0
     before = _objects(e2e)
-    missing = e2e.run("keys", "rotate", "--policy", "shop", "--to", "file:/nonexistent/k.key")
+    keys = Path(e2e.env["DRBOT_KEY_DIR"])
+    text = _policy(e2e).read_text()
+
+    def name_key(new: str) -> None:
+        _policy(e2e).write_text(
+            text.replace(
+                "  key: file:${DRBOT_KEY_DIR}/shop.key",
+                f"  key: file:{new}\n  previous_keys:\n    - file:${{DRBOT_KEY_DIR}}/shop.key",
+            )
+        )
+
+    name_key("/nonexistent/k.key")
+    missing = e2e.run("keys", "rotate", "--policy", "shop")
     assert missing.returncode == 12, missing.stderr
-    loose = Path(e2e.env["DRBOT_KEY_DIR"]) / "loose.key"
+    loose = keys / "loose.key"
     assert e2e.run("keys", "generate", "--out", str(loose)).returncode == 0
     os.chmod(loose, 0o644)
-    too_open = e2e.run("keys", "rotate", "--policy", "shop", "--to", f"file:{loose}")
+    name_key(str(loose))
+    too_open = e2e.run("keys", "rotate", "--policy", "shop")
     assert too_open.returncode == 12, too_open.stderr
     assert "loose.key" in too_open.stderr
+    # the old key is the wrong one: nothing opens, nothing is written
+    other = keys / "other.key"
+    assert e2e.run("keys", "generate", "--out", str(other)).returncode == 0
+    new = keys / "new.key"
+    assert e2e.run("keys", "generate", "--out", str(new)).returncode == 0
+    _policy(e2e).write_text(
+        text.replace(
+            "  key: file:${DRBOT_KEY_DIR}/shop.key",
+            f"  key: file:{new}\n  previous_keys: [file:{other}]",
+        )
+    )
+    wrong_old = e2e.run("keys", "rotate", "--policy", "shop")
+    assert wrong_old.returncode == 12, wrong_old.stderr
     assert _objects(e2e) == before
 
 
@@ -118,3 +161,33 @@ def test_shredding_one_policy_leaves_its_backups_unreadable_and_others_intact(e2
     shared = e2e.run("keys", "shred", "--policy", "other", "--confirm", "other")
     assert shared.returncode == 2 and "also uses" in shared.stderr
     assert (keys / "other.key").exists()
+
+
+def test_shred_refuses_while_data_stays_wrapped_by_a_key_the_policy_dropped(e2e: Env) -> None:
+    # Rotation re-wraps manifests only: data objects keep the original key's wrapping, so
+    # shredding the current key alone would leave everything readable with the old one.
+    keys = Path(e2e.env["DRBOT_KEY_DIR"])
+    old, new = keys / "shop.key", keys / "shop-2027.key"
+    assert e2e.run("backup", "--policy", "shop").returncode == 0
+    assert e2e.run("keys", "generate", "--out", str(new)).returncode == 0
+    text = _policy(e2e).read_text()
+    rotated = text.replace("  key: file:${DRBOT_KEY_DIR}/shop.key", f"  key: file:{new}")
+    _policy(e2e).write_text(
+        rotated.replace("  key: ", f"  previous_keys:\n    - file:{old}\n  key: ")
+    )
+    assert e2e.run("keys", "rotate", "--policy", "shop").returncode == 0
+    _policy(e2e).write_text(rotated)  # the old key retired from the policy, but not destroyed
+
+    refused = e2e.run("keys", "shred", "--policy", "shop", "--confirm", "shop")
+    assert refused.returncode == 2, refused.stderr
+    assert "also wrapped by file:" in refused.stderr and new.exists()
+
+    _policy(e2e).write_text(
+        rotated.replace("  key: ", f"  previous_keys:\n    - file:{old}\n  key: ")
+    )
+    res = e2e.run("keys", "shred", "--policy", "shop", "--confirm", "shop")
+    assert res.returncode == 0, res.stderr
+    assert not old.exists() and not new.exists()
+    again = e2e.run("keys", "shred", "--policy", "shop", "--confirm", "shop")  # idempotent
+    assert again.returncode == 0, again.stderr
+    assert "already destroyed" in again.stdout

@@ -185,7 +185,7 @@ def test_rotation_from_a_key_file_to_kms_touches_no_data_object(
 
     to_ids = check_new_key(new, storages)
     assert to_ids["east"] != to_ids["west"] and ":kms:us-east-1:" in to_ids["east"]
-    plan = plan_rotation(inventory(POLICY, storages), to_ids)
+    plan = plan_rotation(inventory(POLICY, storages, KeyRing(new, [old])), to_ids)
     assert len(plan.manifests) == 4 and len(plan.wal) == 2  # one streamer key per destination
     done = execute_rotation(POLICY, plan, storages, old, new)
     assert done.failed == {} and (done.manifests, done.wal_groups) == (4, 2)
@@ -195,9 +195,9 @@ def test_rotation_from_a_key_file_to_kms_touches_no_data_object(
     assert after == before and any(v[3][0] for v in after.values())
     # the new key alone opens everything; the old one is needed by nothing
     _everything_opens(storages, new)
-    left = still_under(inventory(POLICY, storages), key_ids(old, storages))
-    assert left.manifests == [] and left.wal == []
-    assert plan_rotation(inventory(POLICY, storages), to_ids).empty  # nothing left to do
+    left = still_under(inventory(POLICY, storages, new), key_ids(old, storages))
+    assert left.manifests == [] and left.wal == [] and left.problems == []
+    assert plan_rotation(inventory(POLICY, storages, new), to_ids).empty  # nothing left
     # and the old key file, alone, no longer opens the manifests
     scan = scan_catalog(POLICY, storages, old)
     assert not scan.backups
@@ -219,7 +219,7 @@ def test_a_rotation_killed_anywhere_completes_on_rerun_and_everything_always_ope
     to_ids = check_new_key(new, storages)
     kills = 0
     while True:
-        plan = plan_rotation(inventory(POLICY, storages), to_ids)
+        plan = plan_rotation(inventory(POLICY, storages, either), to_ids)
         if plan.empty:
             break
         budget = [rng.randint(0, 3)]
@@ -234,8 +234,8 @@ def test_a_rotation_killed_anywhere_completes_on_rerun_and_everything_always_ope
     assert kills >= 20, kills
     _everything_opens(storages, new)
     assert _data_objects(aws_env, storages) == before
-    left = still_under(inventory(POLICY, storages), key_ids(old, storages))
-    assert left.manifests == [] and left.wal == []
+    left = still_under(inventory(POLICY, storages, new), key_ids(old, storages))
+    assert left.manifests == [] and left.wal == [] and left.problems == []
 
 
 def test_a_kms_key_missing_in_one_region_is_refused_before_any_write(
@@ -252,3 +252,48 @@ def test_a_kms_key_missing_in_one_region_is_refused_before_any_write(
         check_new_key(key_provider_from_ref(only_east), storages)
     for storage in storages:
         assert list(storage.list("")) == []  # nothing written anywhere
+
+
+def test_a_second_rotation_reaches_wal_through_the_first_ones_entries(
+    aws_env: S3Server, pg_server: LocalPostgres, tmp_path: Path
+) -> None:
+    # A -> B, A retired and destroyed; then B -> C: the WAL headers still hold A's wrapping,
+    # which only B's entries open now.
+    a, b, c = (tmp_path / n for n in ("a.key", "b.key", "c.key"))
+    for path in (a, b, c):
+        generate_key_file(path)
+    ka, kb, kc = (FileKeyProvider(p) for p in (a, b, c))
+    storages = _storages(aws_env)
+    _backups(pg_server, storages, ka, 1)
+    for old, new in ((KeyRing(kb, [ka]), kb), (KeyRing(kc, [kb]), kc)):
+        to_ids = check_new_key(new, storages)
+        plan = plan_rotation(inventory(POLICY, storages, old), to_ids)
+        done = execute_rotation(POLICY, plan, storages, old, new)
+        assert done.failed == {} and done.wal_groups == 2
+        a.unlink(missing_ok=True)  # A is destroyed after the first rotation
+    _everything_opens(storages, kc)
+    left = still_under(inventory(POLICY, storages, kc), key_ids(kb, storages))
+    assert left.manifests == [] and left.wal == [] and left.problems == []
+
+
+def test_a_forged_rewrap_entry_is_not_taken_for_a_rotated_key(
+    aws_env: S3Server, pg_server: LocalPostgres, tmp_path: Path
+) -> None:
+    from drbot.ops.rewrap import write_entry
+    from drbot.pipeline.stream import parse_header
+
+    a, b = tmp_path / "a.key", tmp_path / "b.key"
+    generate_key_file(a)
+    generate_key_file(b)
+    ka, kb = FileKeyProvider(a), FileKeyProvider(b)
+    storages = _storages(aws_env)
+    _backups(pg_server, storages, ka, 1)
+    east = storages[0]
+    header = parse_header(east.open(layout.wal_segment_key(POLICY, WAL[0]), length=4096))
+    # an entry that opens with B, but to some other data key
+    write_entry(east, header.wrapped, kb.generate(east.region)[1])
+    inv = inventory(POLICY, storages, KeyRing(kb, [ka]))
+    assert [g.rewrapped_to for g in inv.wal if g.destination == "east"] == [None]
+    assert any("does not open that object's header" in p for p in inv.problems)
+    left = still_under(inv, key_ids(ka, storages))
+    assert {g.destination for g in left.wal} == {"east", "west"}  # A is still needed

@@ -637,13 +637,17 @@ def test_after_a_key_rotation_the_new_key_alone_restores_the_chain(scenario: Sce
     last = _archived_commits(scenario)
     new = scenario.base / "pitr-2027.key"
     assert scenario.drbot("keys", "generate", "--out", str(new)).returncode == 0
-    rotated = scenario.drbot("keys", "rotate", "--policy", "pitr", "--to", f"file:{new}")
-    assert rotated.returncode == 0, rotated.stderr
     policy = scenario.base / "policies" / "pitr.yaml"
     old = scenario.base / "pitr.key"
-    policy.write_text(policy.read_text().replace(f"file:{old}", f"file:{new}"))
+    text = policy.read_text()
+    policy.write_text(
+        text.replace(f"key: file:{old}", f"key: file:{new}\n  previous_keys: [file:{old}]")
+    )
+    rotated = scenario.drbot("keys", "rotate", "--policy", "pitr")
+    assert rotated.returncode == 0, rotated.stderr
     free = scenario.drbot("keys", "check", "--policy", "pitr", "--key", f"file:{old}")
     assert free.returncode == 0, free.stdout + free.stderr
+    policy.write_text(text.replace(f"file:{old}", f"file:{new}"))  # the old key is retired
     res, target = scenario.restore("--latest")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)

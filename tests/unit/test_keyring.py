@@ -56,5 +56,5 @@ def test_planning_skips_what_is_done_and_retirement_counts_what_is_left() -> Non
     ]
     assert [g.wrapped for g in plan.wal] == [w_old]
     assert (plan.done_manifests, plan.done_wal) == (1, 1)
-    left = still_under(inv, {"east": "old", "west": "old"})
+    left = still_under(inv, {"east": {"old"}, "west": {"old"}})
     assert len(left.manifests) == 2 and [g.objects for g in left.wal] == [3]
