@@ -243,37 +243,44 @@ def execute_rotation(
     """Carry out `plan`; see the module docstring. A failing item is recorded and skipped
     (the others go on); `KeyProblem` for an item `old` cannot open is recorded the same way."""
     by_name = {s.name: s for s in storages}
-    result = RotationResult()
+    steps: list[tuple[str, str, Callable[[], None]]] = []
     for item in plan.manifests:
         storage = by_name[item.destination]
         what = f"{storage.name}:{layout.manifest_key(policy, item.backup_id)}"
-        try:
-            _rewrap_manifest(policy, item, storage, old, new)
-        except (KeyProblem, IntegrityFailure, StorageUnavailable) as exc:
-            result.failed[what] = exc.message
-            log.error("keys.rotate_failed", object=what, error=exc.message)
-            continue
-        result.manifests += 1
-        if progress:
-            progress(what)
+        steps.append(
+            (
+                "manifests",
+                what,
+                functools.partial(_rewrap_manifest, policy, item, storage, old, new),
+            )
+        )
     for group in plan.wal:
         storage = by_name[group.destination]
         what = f"{storage.name}: WAL objects like {group.example}"
+        steps.append(("wal_groups", what, functools.partial(_rewrap_wal, group, storage, old, new)))
+    result = RotationResult()
+    for counter, what, step in steps:
         try:
-            data_key = _group_data_key(group, storage, old)
-            rewrapped = new.wrap(data_key, storage.region)
-            write_entry(storage, group.wrapped, rewrapped)
-            back = read_entry(storage, group.wrapped)
-            if back is None or new.unwrap(back, storage.region) != data_key:
-                raise IntegrityFailure(f"{what}: the re-wrapped entry did not read back")
+            step()
         except (KeyProblem, IntegrityFailure, StorageUnavailable) as exc:
             result.failed[what] = exc.message
             log.error("keys.rotate_failed", object=what, error=exc.message)
             continue
-        result.wal_groups += 1
+        setattr(result, counter, getattr(result, counter) + 1)
         if progress:
             progress(what)
     return result
+
+
+def _rewrap_wal(group: WalGroup, storage: Storage, old: KeyProvider, new: KeyProvider) -> None:
+    data_key = _group_data_key(group, storage, old)
+    write_entry(storage, group.wrapped, new.wrap(data_key, storage.region))
+    back = read_entry(storage, group.wrapped)
+    if back is None or new.unwrap(back, storage.region) != data_key:
+        raise IntegrityFailure(
+            f"{storage.name}: the re-wrapped entry for WAL objects like {group.example} did not "
+            "read back"
+        )
 
 
 def _group_data_key(group: WalGroup, storage: Storage, old: KeyProvider) -> bytes:
