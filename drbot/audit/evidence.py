@@ -142,6 +142,7 @@ def _policy_evidence(
         "backups": backups,
         "restores": [_brief(e) for e in restores],
         "drills": [_drill(e) for e in events if e.action in ("drill.completed", "drill.failed")],
+        "retention": [_brief(e) for e in events if e.action.startswith("prune.")],
         "verifications": [_brief(e) for e in events if e.action.startswith("verify.")],
         "failures": [_brief(e) for e in failed],
         "policy_changes": [_brief(e) for e in events if e.action.startswith("policy.")],

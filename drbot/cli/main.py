@@ -10,7 +10,19 @@ import click
 import structlog
 
 from drbot import __version__
-from drbot.cli import audit, backup, demo, drill, keys, list_cmd, policy, restore, verify, wal
+from drbot.cli import (
+    audit,
+    backup,
+    demo,
+    drill,
+    keys,
+    list_cmd,
+    policy,
+    prune,
+    restore,
+    verify,
+    wal,
+)
 from drbot.errors import DrbotError
 from drbot.log import redact_text
 
@@ -45,7 +57,7 @@ def cli() -> None:
     """
 
 
-for module in (backup, list_cmd, verify, restore, wal, drill, audit, keys, policy, demo):
+for module in (backup, list_cmd, verify, restore, wal, drill, prune, audit, keys, policy, demo):
     cli.add_command(module.command)
 
 
