@@ -176,7 +176,9 @@ class KmsKeyProvider:
         try:
             state = client.describe_key(KeyId=arn)["KeyMetadata"].get("KeyState")
             if state != "PendingDeletion":  # already scheduled: an interrupted shred, rerun
-                client.schedule_key_deletion(KeyId=arn, PendingWindowInDays=days)
+                # The key id (the ARN's last part) names the key in this region's client.
+                key_id = arn.rsplit("/", 1)[-1]
+                client.schedule_key_deletion(KeyId=key_id, PendingWindowInDays=days)
         except (ClientError, BotoCoreError) as exc:
             raise kms_error(exc, key_ref=self._ref, region=region, action="shred") from None
         return arn

@@ -297,3 +297,20 @@ def test_a_forged_rewrap_entry_is_not_taken_for_a_rotated_key(
     assert any("does not open that object's header" in p for p in inv.problems)
     left = still_under(inv, key_ids(ka, storages))
     assert {g.destination for g in left.wal} == {"east", "west"}  # A is still needed
+
+
+def test_shredding_a_kms_key_schedules_its_deletion_in_every_region(aws_env: S3Server) -> None:
+    from drbot.ops.shred import shred
+    from drbot.pipeline.kms import KmsKeyProvider
+
+    ref = _kms_key(aws_env)
+    provider = key_provider_from_ref(ref)
+    assert isinstance(provider, KmsKeyProvider)
+    arns = {region: provider.key_id(region) for region in REGIONS}
+    done = shred(provider, list(REGIONS), kms_days=7)
+    assert set(done.key_ids) == set(arns.values()) and "7 days" in done.how
+    for region, arn in arns.items():
+        meta = aws_env.client("kms", region).describe_key(KeyId=arn)["KeyMetadata"]
+        assert meta["KeyState"] == "PendingDeletion"
+    again = shred(key_provider_from_ref(ref), list(REGIONS), kms_days=7)  # a rerun is a no-op
+    assert set(again.key_ids) == set(arns.values())
