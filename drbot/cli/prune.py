@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -56,9 +57,14 @@ def command(
     lock_days = {d.name: d.object_lock.days if d.object_lock else None for d in policy.destinations}
     trail = audit_trail(settings)
     now = datetime.now(UTC)
+    details: dict[str, Any] = {}
+    # A dry run writes nothing, so it does not wait for a backup holding the policy's lock.
+    lock = nullcontext() if dry_run else policy_lock(settings.state_dir, policy.name)
     with (
-        recording_failure(trail, "prune.failed", policy=policy.name, subject={}),
-        policy_lock(settings.state_dir, policy.name),
+        recording_failure(
+            trail, "prune.failed", policy=policy.name, subject={}, extra=lambda: details
+        ),
+        lock,
     ):
         scan = scan_catalog(policy.name, storages, build.build_keys(policy))
         if scan.unreachable:
@@ -74,6 +80,9 @@ def command(
             gather_facts(policy.name, scan, storages, lock_days), policy.retention, now
         )
         summary = _summary(plan)
+        summary["skipped"] = {
+            f"{p.destination}:{p.backup_id}": p.error.message for p in scan.problems
+        }
         trail.record(
             "prune.planned",
             policy=policy.name,
@@ -81,27 +90,32 @@ def command(
             outcome="info",
             details={**summary, "dry_run": dry_run},
         )
-        if dry_run or (not plan.delete and plan.wal_before_segment is None):
+        if dry_run:
             _show(plan, summary, as_json, dry_run=True)
+            return
+        if not plan.delete and plan.wal_before_segment is None:
+            _show(plan, summary, as_json, dry_run=False)
             return
         if not as_json:
             _show(plan, summary, as_json=False, dry_run=False)
-        confirm(f"Delete {len(plan.delete)} backup(s) of policy {policy.name}?", yes=yes)
+        wal = (
+            " and the WAL older than the oldest kept base backup"
+            if plan.wal_before_segment is not None
+            else ""
+        )
+        confirm(f"Delete {len(plan.delete)} backup(s) of policy {policy.name}{wal}?", yes=yes)
 
         def deleted(backup_id: str) -> None:
             trail.record("prune.deleted", policy=policy.name, subject={"backup_id": backup_id})
 
         result = execute_prune(policy.name, plan, storages, lock_days, now, on_deleted=deleted)
-        details: dict[str, Any] = {
-            "deleted": result.deleted,
-            "failed": result.failed,
-            "wal_deleted": result.wal_deleted,
-            "wal_locked": result.wal_locked,
-        }
+        details.update(
+            deleted=result.deleted,
+            failed=result.failed,
+            wal_deleted=result.wal_deleted,
+            wal_locked=result.wal_locked,
+        )
         if result.failed:
-            trail.record(
-                "prune.failed", policy=policy.name, subject={}, outcome="failed", details=details
-            )
             raise PartialFailure(
                 f"{len(result.failed)} deletion(s) failed: "
                 + "; ".join(f"{k}: {v}" for k, v in list(result.failed.items())[:5]),
@@ -135,7 +149,11 @@ def _show(plan: RetentionPlan, summary: dict[str, Any], as_json: bool, *, dry_ru
         click.echo(f"keep    {backup_id}  {'; '.join(why)}")
     for backup_id in plan.delete:
         click.echo(f"delete  {backup_id}")
+    for where, why in summary.get("skipped", {}).items():
+        click.echo(f"skip    {where}  cannot be read, left alone: {why}")
     if plan.wal_before_segment is not None:
         click.echo(f"WAL     segments before number {plan.wal_before_segment:#x} go")
     if dry_run:
-        click.echo("Dry run: nothing was deleted." if plan.delete else "Nothing to delete.")
+        click.echo("Dry run: nothing was deleted.")
+    elif not plan.delete and plan.wal_before_segment is None:
+        click.echo("Nothing to delete.")

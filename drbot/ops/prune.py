@@ -50,6 +50,7 @@ def gather_facts(
     for entry in scan.backups:
         m = entry.manifest
         start: int | None = None
+        size: int | None = None
         if m.mode == "physical" and m.positions.get("start_lsn"):
             size = int(m.positions.get("segment_size", DEFAULT_SEGMENT_SIZE))
             start = parse_lsn(str(m.positions["start_lsn"])) // size
@@ -59,7 +60,7 @@ def gather_facts(
             if backup_id == entry.backup_id
         ]
         locked = max((e for e in ends if e is not None), default=None)
-        facts.append(BackupFacts(entry.backup_id, m.completed_at, m.mode, start, locked))
+        facts.append(BackupFacts(entry.backup_id, m.started_at, m.mode, start, size, locked))
     return facts
 
 
@@ -78,11 +79,11 @@ def execute_prune(
     lock_days: Mapping[str, int | None],
     now: datetime,
     *,
-    segment_size: int = DEFAULT_SEGMENT_SIZE,
     on_deleted: Callable[[str], None] | None = None,
 ) -> PruneResult:
     """Delete what `plan` says; see the module docstring. Never raises for one object: a
-    failure is recorded and that backup's remaining objects are left for a later prune."""
+    failure is recorded and that backup's remaining objects are left for a later prune. When
+    any backup could not be deleted, no WAL is: that backup still exists and needs its WAL."""
     result = PruneResult()
     listings = {s.name: _by_backup(policy, s) for s in storages}
     for backup_id in plan.delete:
@@ -105,9 +106,9 @@ def execute_prune(
         log.info("prune.deleted", policy=policy, backup_id=backup_id)
         if on_deleted:
             on_deleted(backup_id)
-    if plan.wal_before_segment is not None:
+    if plan.wal_before_segment is not None and plan.wal_segment_size and not result.failed:
         for storage in storages:
-            _prune_wal(policy, storage, plan.wal_before_segment, segment_size,
+            _prune_wal(policy, storage, plan.wal_before_segment, plan.wal_segment_size,
                        lock_days.get(storage.name), now, result)  # fmt: skip
     return result
 

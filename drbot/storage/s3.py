@@ -432,14 +432,17 @@ class S3Storage:
                 ) from exc
 
     def _versions(self, key: str, full: str) -> builtins.list[str]:
-        """Ids of every version and delete marker of exactly `full`."""
-        ids: builtins.list[str] = []
+        """Ids of every version and delete marker of exactly `full`, oldest first: a delete cut
+        short leaves the newest version current, never an older one back in its place."""
+        found: builtins.list[tuple[datetime, str]] = []
         paginator = self._client.get_paginator("list_object_versions")
         with self._s3_errors("ListObjectVersions", key):
             for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
                 entries = [*page.get("Versions", []), *page.get("DeleteMarkers", [])]
-                ids.extend(e["VersionId"] for e in entries if e.get("Key") == full)
-        return ids
+                found.extend(
+                    (e["LastModified"], e["VersionId"]) for e in entries if e.get("Key") == full
+                )
+        return [version for _when, version in sorted(found)]
 
     def _locked_until(self, key: str, full: str, version_id: str) -> datetime | None:
         """When the version's retention ends, if it is still locked; None otherwise."""

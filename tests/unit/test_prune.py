@@ -104,3 +104,57 @@ def test_object_lock_keeps_a_backup_until_its_last_write_plus_the_lock(tmp_path:
     assert plan.delete == [] and len(plan.locked) == 2
     for until in plan.locked.values():
         assert until > START + timedelta(days=30)
+
+
+def _wal_store(name: str) -> MemoryStorage:
+    """WAL of a cluster with 1 MiB segments: numbers 0x1FFE..0x2002 cross into log file 2."""
+    from drbot.engines.postgres.wal import Segment
+    from drbot.storage import layout
+
+    store = MemoryStorage(name, region="us-east-1")
+    size = 1 << 20
+    for number in range(0x1FFE, 0x2003):
+        seg = Segment(1, number).name(size)
+        store.objects[layout.wal_segment_key("shop", seg)] = (b"w", START)
+    store.objects[layout.wal_segment_key("shop", Segment(1, 0x1FFF).name(size), partial=True)] = (
+        b"p",
+        START,
+    )
+    store.objects[layout.wal_history_key("shop", "00000002.history")] = (b"h", START)
+    store.objects[layout.wal_heartbeat_key("shop")] = (b"b", START)
+    return store
+
+
+def test_wal_goes_below_the_cutoff_in_the_clusters_own_segment_size() -> None:
+    from drbot.ops.retention import RetentionPlan
+
+    store = _wal_store("primary")
+    plan = RetentionPlan(keep={"x": ["newest backup"]}, wal_before_segment=0x2001,
+                         wal_segment_size=1 << 20)  # fmt: skip
+    result = execute_prune("shop", plan, [store], {"primary": None}, START + timedelta(days=1))
+    left = sorted(k.rsplit("/", 1)[1] for k in store.objects)
+    # 0x1FFE..0x2000 (and the partial 0x1FFF) are gone; 0x2001, 0x2002, history, heartbeat stay
+    assert result.wal_deleted == 4
+    assert left == [
+        "000000010000000200000001.zst.enc",
+        "000000010000000200000002.zst.enc",
+        "00000002.history.zst.enc",
+        "heartbeat.zst.enc",
+    ]
+
+
+def test_locked_wal_stays_and_no_wal_goes_when_a_backup_could_not_be_deleted() -> None:
+    from drbot.ops.retention import RetentionPlan
+
+    store = _wal_store("primary")
+    plan = RetentionPlan(keep={"x": ["newest backup"]}, wal_before_segment=0x2001,
+                         wal_segment_size=1 << 20)  # fmt: skip
+    locked = execute_prune("shop", plan, [store], {"primary": 30}, START + timedelta(days=1))
+    assert (locked.wal_deleted, locked.wal_locked) == (0, 4)
+    failing = RetentionPlan(delete=["20261101T000000Z-abcdef"], wal_before_segment=0x2001,
+                            wal_segment_size=1 << 20)  # fmt: skip
+    broken = DiesOnDelete("primary", "us-east-1", fail_at=1)
+    broken.objects.update(store.objects)
+    broken.objects["shop/backups/20261101T000000Z-abcdef/manifest.json"] = (b"m", START)
+    result = execute_prune("shop", failing, [broken], {"primary": None}, START + timedelta(days=9))
+    assert result.failed and result.wal_deleted == 0
