@@ -16,7 +16,7 @@ pytestmark = pytest.mark.e2e
 def test_prune_shows_its_plan_then_deletes_what_the_rules_let_go(e2e: Env) -> None:
     policy = Path(e2e.env["DRBOT_POLICIES"]) / "shop.yaml"
     policy.write_text(policy.read_text() + "retention:\n  keep_last: 2\n")
-    for _ in range(4):
+    for _ in range(4):  # two to keep, two to delete
         assert e2e.run("backup", "--policy", "shop").returncode == 0
     ids = [r["id"] for r in json.loads(e2e.run("list", "--policy", "shop", "--json").stdout)]
     before = (e2e.objects(0), e2e.objects(1))

@@ -157,12 +157,14 @@ def _data_objects(server: S3Server, storages: list[Storage]) -> dict[str, Any]:
     return out
 
 
-def _everything_opens(storages: list[Storage], keys: KeyProvider) -> None:
-    """Every backup decrypts and checks out (as a restore would read it), and every WAL object
-    opens (these stand-ins are not real segments, so WAL is checked here, not by verify)."""
+def _everything_opens(storages: list[Storage], keys: KeyProvider, *, verify: bool = True) -> None:
+    """Every manifest opens (what rotation changes) and every WAL object; with `verify`, every
+    backup also decrypts and checks out as a restore reads it (the data key comes from the
+    manifest, so between kills the manifests are what can break). These WAL stand-ins are not
+    real segments, so WAL is checked here, not by verify."""
     scan = scan_catalog(POLICY, storages, keys)
     assert not scan.problems and len(scan.backups) >= 1
-    for backup in scan.backups:
+    for backup in scan.backups if verify else ():
         report = run_verify(POLICY, storages, keys, backup_id=backup.backup_id)
         assert report.ok and report.checked_objects == 2 * len(storages), report.findings
     cache = KeyCache(keys)
@@ -228,7 +230,8 @@ def test_a_rotation_killed_anywhere_completes_on_rerun_and_everything_always_ope
             execute_rotation(POLICY, plan, dying, old, new)
         except Killed:
             kills += 1
-            _everything_opens(storages, either)  # at every point, one of the two keys opens it
+            # at every point, one of the two keys opens it (and, now and then, all data too)
+            _everything_opens(storages, either, verify=kills % 5 == 0)
             continue
         assert kills < 200
     assert kills >= 20, kills
