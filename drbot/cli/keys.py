@@ -104,8 +104,9 @@ def rotate(
 ) -> None:
     """Re-wrap every data key of a policy under its new key, without touching any data.
 
-    First make the policy name the new key and keep the old one for reading, so that every
-    drbot process (a restore during the rotation included) opens backups under either key:
+    Best first make the policy name the new key and keep the old one for reading, so that every
+    drbot process (a restore during the rotation included) opens backups under either key
+    (otherwise drbot warns, rotates, and the policy must be changed right after):
 
     \b
       encryption:
@@ -121,7 +122,7 @@ def rotate(
 
     Exit 12: the new key is unusable in some region, or the old keys do not open the backups
     (nothing written); 15: a destination is unreachable; 3: some objects could not be
-    re-wrapped (listed; run again); 2: --to is not the policy's key.
+    re-wrapped (listed; run again).
 
     \b
     Examples:
@@ -143,12 +144,13 @@ def rotate(
             )
         to_ids = check_new_key(new, storages)
         current = key_provider_from_ref(policy.encryption.key_ref)
-        if any(to_ids[s.name] != current.key_id(s.region) for s in storages):
-            raise UsageError(
-                f"{to_ref} is not policy {policy.name}'s encryption.key; name it there first "
-                "(and the old key under encryption.previous_keys), so that every drbot process "
-                "opens backups under either key while they are re-wrapped",
-                hint="runbooks/key-rotation.md, step 2",
+        named = all(to_ids[s.name] == current.key_id(s.region) for s in storages)
+        if not named:
+            stderr.print(
+                f"Warning: policy {policy.name} does not name {to_ref} as encryption.key yet. "
+                "Until it does (with the old key under encryption.previous_keys), drbot "
+                "processes using the policy cannot open the backups already re-wrapped; "
+                "runbooks/key-rotation.md names the key first."
             )
         plan = plan_rotation(inventory(policy.name, storages, old), to_ids)
         out: dict[str, Any] = {
@@ -201,9 +203,14 @@ def rotate(
         f"Re-wrapped {done.manifests} manifest(s) and {done.wal_groups} WAL data key(s) under "
         f"{new.describe()}; no data object was touched."
     )
-    for ref in policy.encryption.previous_refs:
+    if not named:
         click.echo(
-            f"Next: drbot keys check --policy {policy.name} --key {ref}; once it reports "
+            f"Next: set encryption.key: {to_ref} in the policy and move "
+            f"{policy.encryption.key_ref} to encryption.previous_keys, then restart drbot."
+        )
+    for ref in policy.encryption.previous_refs if named else [policy.encryption.key_ref]:
+        click.echo(
+            f"Then: drbot keys check --policy {policy.name} --key {ref}; once it reports "
             "nothing, remove that key from encryption.previous_keys, then destroy it."
         )
 

@@ -40,9 +40,10 @@ def test_rotate_then_check_then_restore_with_the_new_key_alone(e2e: Env) -> None
     assert held.returncode == 18, held.stderr
     assert held.stdout.count("backup ") == 4  # two backups, two destinations
 
-    # The key must be the policy's before rotating to it: every process then opens both.
-    early = e2e.run("keys", "rotate", "--policy", "shop", "--to", f"file:{new}")
-    assert early.returncode == 2 and "previous_keys" in early.stderr
+    # The recommended order names the key in the policy first (every process then opens
+    # both); a dry run with the key not named yet warns about the other order.
+    early = e2e.run("keys", "rotate", "--policy", "shop", "--to", f"file:{new}", "--dry-run")
+    assert early.returncode == 0 and "does not name" in early.stderr
     _policy(e2e).write_text(
         _policy(e2e)
         .read_text()
@@ -191,3 +192,18 @@ def test_shred_refuses_while_data_stays_wrapped_by_a_key_the_policy_dropped(e2e:
     again = e2e.run("keys", "shred", "--policy", "shop", "--confirm", "shop")  # idempotent
     assert again.returncode == 0, again.stderr
     assert "already destroyed" in again.stdout
+
+
+def test_rotating_before_the_policy_names_the_key_works_and_says_what_to_do(e2e: Env) -> None:
+    # The order: rotate --to NEW first, then change the policy.
+    keys = Path(e2e.env["DRBOT_KEY_DIR"])
+    new = keys / "shop-2027.key"
+    assert e2e.run("backup", "--policy", "shop").returncode == 0
+    assert e2e.run("keys", "generate", "--out", str(new)).returncode == 0
+    res = e2e.run("keys", "rotate", "--policy", "shop", "--to", f"file:{new}")
+    assert res.returncode == 0, res.stderr
+    assert "Next: set encryption.key:" in res.stdout and "does not name" in res.stderr
+    _policy(e2e).write_text(_policy(e2e).read_text().replace("shop.key", "shop-2027.key"))
+    e2e.pg.create_database("shop_after")
+    restored = e2e.run("restore", "--policy", "shop", "--to", e2e.pg.uri("shop_after"), "--yes")
+    assert restored.returncode == 0, restored.stderr
