@@ -8,7 +8,7 @@ backup. The catalog holds no state of its own: the destinations are the truth.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -83,7 +83,8 @@ class CatalogScan:
         return next((b for b in self.backups if b.backup_id == backup_id), None)
 
 
-def _group(policy: str, objects: Sequence[ObjectInfo]) -> dict[str, list[ObjectInfo]]:
+def group_by_backup(policy: str, objects: Iterable[ObjectInfo]) -> dict[str, list[ObjectInfo]]:
+    """`objects` (a listing of the policy's backups prefix) by backup id; others are ignored."""
     groups: dict[str, list[ObjectInfo]] = {}
     for obj in objects:
         parsed = layout.parse_key(policy, obj.key)
@@ -119,7 +120,7 @@ def scan_catalog(policy: str, storages: Sequence[Storage], keys: KeyProvider) ->
         def unwrap(w: WrappedKey, region: str | None = region) -> bytes:
             return keys.unwrap(w, region)
 
-        for backup_id, objs in sorted(_group(policy, objects).items()):
+        for backup_id, objs in sorted(group_by_backup(policy, objects).items()):
             mkey = layout.manifest_key(policy, backup_id)
             if not any(o.key == mkey for o in objs):
                 incomplete.append(

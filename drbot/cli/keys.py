@@ -416,9 +416,10 @@ def _refuse_shared(settings: Any, policy: Any, refs: list[str], ids: set[str]) -
     for other in load_policies(settings):
         if other.name == policy.name:
             continue
+        their_storages = build.build_storages(other)
         for theirs in (other.encryption.key_ref, *other.encryption.previous_refs):
             try:
-                shared = bool(_ids_or_gone(theirs, build.build_storages(other)) & ids)
+                shared = bool(_ids_or_gone(theirs, their_storages) & ids)
             except KeyProblem:
                 shared = False  # unreadable: fall back on comparing the references
             if shared or any(same_key(ref, theirs) for ref in refs):

@@ -111,6 +111,7 @@ def restore_to_dir(
     run_as: str | None,
     as_json: bool,
 ) -> None:
+    from drbot.engines.postgres.engine import uri_field
     from drbot.engines.postgres.localserver import find_bin_dir
     from drbot.ops.pitr_exec import StartOptions, execute_pitr, resolve_run_as
 
@@ -173,7 +174,9 @@ def restore_to_dir(
             keys,
             target_dir,
             bin_dir=find_bin_dir(policy.source.bin_dir, "pg_ctl"),
-            start=StartOptions(port=port, run_as=user, db_user=_source_user(policy))
+            start=StartOptions(
+                port=port, run_as=user, db_user=uri_field(policy.source.uri, "user", "postgres")
+            )
             if start
             else None,
             run_as=user,
@@ -223,12 +226,3 @@ def _print_result(plan: PitrPlan, result: PitrResult, target: Target) -> None:
             f"Start it to replay to {target.describe()}: pg_ctl -D {result.data_dir} start "
             f"(then remove {result.spool})"
         )
-
-
-def _source_user(policy: Any) -> str:
-    from psycopg.conninfo import conninfo_to_dict
-
-    try:
-        return str(conninfo_to_dict(policy.source.uri).get("user") or "postgres")
-    except Exception:
-        return "postgres"

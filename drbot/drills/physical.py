@@ -10,7 +10,6 @@ heartbeat proves the archive was complete at that moment (the rule `drbot restor
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -28,7 +27,7 @@ from drbot.drills.sandbox import Session
 from drbot.engines.postgres.wal import format_lsn, parse_lsn, parse_segment_name
 from drbot.errors import DrillFailed, IntegrityFailure, NoRestorePoint
 from drbot.ops.pitr import PitrPlan, Target
-from drbot.ops.pitr_exec import execute_pitr
+from drbot.ops.pitr_exec import BEFORE_TARGET, TargetBeyondWal, execute_pitr, redo_done_at
 from drbot.ops.walstore import KeyCache
 from drbot.storage.base import Storage
 
@@ -42,16 +41,9 @@ SERVER_OPTIONS = (
 """Sandbox overrides of the source's settings: no TCP, no archiving into the real archive, no
 subscription reaching a real publisher, nothing the image may lack."""
 
-_REDO_DONE = re.compile(r"redo done at ([0-9A-F]+/[0-9A-F]+)")
 _DAMAGE = ("PANIC", "invalid", "checksum", "could not read", "incorrect", "corrupt")
 
 Phase = Callable[[str], AbstractContextManager[None]]
-
-
-class _BeforeTarget(NoRestorePoint):
-    def __init__(self, message: str, redo_done: int | None) -> None:
-        super().__init__(message)
-        self.redo_done = redo_done
 
 
 @dataclass(frozen=True)
@@ -89,7 +81,7 @@ def restore_physical(job: Inputs, plan: PitrPlan) -> Replayed:
     """
     try:
         return _attempt(job, plan)
-    except _BeforeTarget as exc:
+    except TargetBeyondWal as exc:
         t, confirmed = plan.target, plan.confirmed_until
         if t.kind != "time" or t.time is None or confirmed is None or t.time > confirmed:
             raise NoRestorePoint(
@@ -164,11 +156,10 @@ def _wait_promoted(session: Session, data: Path, logfile: Path, deadline: float)
 
 
 def _failure(session: Session, logfile: Path, tail: str) -> Exception:
-    if "before configured recovery target was reached" in tail:
-        done = _REDO_DONE.findall(log_tail(session, logfile, 400))
-        return _BeforeTarget(
+    if BEFORE_TARGET in tail:
+        return TargetBeyondWal(
             f"the WAL ends before the drill's restore point; the server said:\n{tail}",
-            parse_lsn(done[-1]) if done else None,
+            redo_done=redo_done_at(log_tail(session, logfile, 400)),
         )
     if any(word in tail for word in _DAMAGE):
         return IntegrityFailure(f"the restored server failed during recovery:\n{tail}")

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from drbot.audit.event import canonical
 from drbot.audit.trail import public_key_text
-from drbot.errors import DrbotError, StorageUnavailable
+from drbot.errors import DrbotError
 from drbot.storage import layout
 from drbot.storage.base import Storage
 
@@ -161,7 +161,7 @@ def read_history(
                 drill_id = layout.parse_drill_record_key(policy, obj.key)
                 if drill_id is not None:
                     add(b"".join(storage.open(obj.key)), storage.name, drill_id)
-        except (StorageUnavailable, DrbotError) as exc:
+        except DrbotError as exc:
             unreachable[storage.name] = exc.message
     entries = [
         HistoryEntry(env, _signature(env, trusted), tuple(where))

@@ -27,7 +27,6 @@ from typing import Any
 
 import psycopg
 import structlog
-from psycopg.conninfo import conninfo_to_dict
 
 from drbot import __version__
 from drbot.catalog import BackupEntry, CatalogScan, scan_catalog
@@ -48,7 +47,7 @@ from drbot.drills.plan import (
     target_checks,
 )
 from drbot.drills.sandbox import Sandbox, Session
-from drbot.engines.postgres.engine import PostgresEngine
+from drbot.engines.postgres.engine import PostgresEngine, uri_field
 from drbot.errors import (
     DrbotError,
     DrillFailed,
@@ -276,17 +275,11 @@ def _major(scan: CatalogScan, backup_id: str) -> int:
 
 
 def _source_user(policy: Policy) -> str:
-    try:
-        return str(conninfo_to_dict(policy.source.uri).get("user") or "postgres")
-    except psycopg.Error:
-        return "postgres"
+    return uri_field(policy.source.uri, "user", "postgres")
 
 
 def _source_db(policy: Policy) -> str:
-    try:
-        return str(conninfo_to_dict(policy.source.uri).get("dbname") or "postgres")
-    except psycopg.Error:
-        return "postgres"
+    return uri_field(policy.source.uri, "dbname", "postgres")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from drbot.catalog import group_by_backup
 from drbot.errors import DrbotError
 from drbot.storage import layout
 from drbot.storage.base import Storage
@@ -40,12 +41,10 @@ def cleanup_incomplete(
         aborted = 0
         try:
             aborted = storage.abort_incomplete(layout.backups_prefix(policy))
-            by_id: dict[str, list[str]] = {}
-            for obj in storage.list(layout.backups_prefix(policy)):
-                parsed = layout.parse_key(policy, obj.key)
-                if parsed is not None:
-                    by_id.setdefault(parsed.backup_id, []).append(obj.key)
-            for backup_id, keys in sorted(by_id.items()):
+            listing = storage.list(layout.backups_prefix(policy))
+            by_id = group_by_backup(policy, listing)
+            for backup_id, objs in sorted(by_id.items()):
+                keys = [o.key for o in objs]
                 if backup_id in keep or layout.manifest_key(policy, backup_id) in keys:
                     continue
                 try:

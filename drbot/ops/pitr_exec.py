@@ -58,6 +58,8 @@ from drbot.storage.base import Storage
 log = structlog.get_logger(__name__)
 
 _REDO_DONE = re.compile(r"redo done at ([0-9A-F]+/[0-9A-F]+)")
+BEFORE_TARGET = "before configured recovery target was reached"
+"""What PostgreSQL logs when recovery used up the WAL without reaching its target."""
 _RESET_AFTER = (
     "restore_command",
     "recovery_target_timeline",
@@ -74,6 +76,12 @@ class TargetBeyondWal(NoRestorePoint):
     def __init__(self, message: str, *, redo_done: int | None = None) -> None:
         super().__init__(message)
         self.redo_done = redo_done
+
+
+def redo_done_at(server_log: str) -> int | None:
+    """Where the last recovery in `server_log` ran out of WAL ("redo done at X/Y"), if said."""
+    done = _REDO_DONE.findall(server_log)
+    return parse_lsn(done[-1]) if done else None
 
 
 @dataclass(frozen=True)
@@ -388,11 +396,10 @@ def _wait_promoted(uri: str, data_dir: Path, logfile: Path, filler: SpoolFiller)
             tail = _log_tail(logfile)
             if filler.failures:
                 raise _wal_failure(filler, "recovery stopped: ")
-            if "before configured recovery target was reached" in tail:
-                done = _REDO_DONE.findall(_log_tail(logfile, 200))
+            if BEFORE_TARGET in tail:
                 raise TargetBeyondWal(
                     f"the WAL ends before the recovery target; the server said:\n{tail}",
-                    redo_done=parse_lsn(done[-1]) if done else None,
+                    redo_done=redo_done_at(_log_tail(logfile, 200)),
                 )
             raise DatabaseError(f"the restored server stopped during recovery:\n{tail}")
         # The server removes recovery.signal when archive recovery is over (promotion).

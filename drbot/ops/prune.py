@@ -16,7 +16,7 @@ from datetime import datetime
 
 import structlog
 
-from drbot.catalog import CatalogScan
+from drbot.catalog import CatalogScan, group_by_backup
 from drbot.engines.postgres.wal import DEFAULT_SEGMENT_SIZE, parse_lsn, parse_segment_name
 from drbot.errors import DrbotError
 from drbot.ops.retention import BackupFacts, RetentionPlan, lock_end
@@ -41,11 +41,9 @@ def gather_facts(
     for storage in storages:
         if lock_days.get(storage.name) is None:
             continue
-        for obj in storage.list(layout.backups_prefix(policy)):
-            parsed = layout.parse_key(policy, obj.key)
-            if parsed is not None:
-                k = (storage.name, parsed.backup_id)
-                last_write[k] = max(last_write.get(k, obj.modified_at), obj.modified_at)
+        listing = storage.list(layout.backups_prefix(policy))
+        for backup_id, objs in group_by_backup(policy, listing).items():
+            last_write[(storage.name, backup_id)] = max(o.modified_at for o in objs)
     facts = []
     for entry in scan.backups:
         m = entry.manifest
@@ -114,12 +112,8 @@ def execute_prune(
 
 
 def _by_backup(policy: str, storage: Storage) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for obj in storage.list(layout.backups_prefix(policy)):
-        parsed = layout.parse_key(policy, obj.key)
-        if parsed is not None:
-            out.setdefault(parsed.backup_id, []).append(obj.key)
-    return out
+    listing = storage.list(layout.backups_prefix(policy))
+    return {b: [o.key for o in objs] for b, objs in group_by_backup(policy, listing).items()}
 
 
 def _prune_wal(

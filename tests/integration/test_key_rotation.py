@@ -86,6 +86,13 @@ class Dying:
         return self._inner.abort_incomplete(prefix)
 
 
+def _file_keys(tmp_path: Path, *names: str) -> list[FileKeyProvider]:
+    """A fresh key file for each name, as providers."""
+    for name in names:
+        generate_key_file(tmp_path / name)
+    return [FileKeyProvider(tmp_path / name) for name in names]
+
+
 def _kms_key(server: S3Server) -> str:
     alias = f"alias/drbot-rot-{uuid.uuid4().hex[:8]}"
     for region in REGIONS:
@@ -177,9 +184,7 @@ def _everything_opens(storages: list[Storage], keys: KeyProvider, *, verify: boo
 def test_rotation_from_a_key_file_to_kms_touches_no_data_object(
     aws_env: S3Server, pg_server: LocalPostgres, tmp_path: Path
 ) -> None:
-    old_path = tmp_path / "old.key"
-    generate_key_file(old_path)
-    old = FileKeyProvider(old_path)
+    (old,) = _file_keys(tmp_path, "old.key")
     new = key_provider_from_ref(_kms_key(aws_env))
     storages = _storages(aws_env, lock_second=True)
     _backups(pg_server, storages, old, 2)
@@ -209,10 +214,7 @@ def test_rotation_from_a_key_file_to_kms_touches_no_data_object(
 def test_a_rotation_killed_anywhere_completes_on_rerun_and_everything_always_opens(
     aws_env: S3Server, pg_server: LocalPostgres, tmp_path: Path
 ) -> None:
-    old_path, new_path = tmp_path / "old.key", tmp_path / "new.key"
-    generate_key_file(old_path)
-    generate_key_file(new_path)
-    old, new = FileKeyProvider(old_path), FileKeyProvider(new_path)
+    old, new = _file_keys(tmp_path, "old.key", "new.key")
     storages = _storages(aws_env)
     _backups(pg_server, storages, old, 6)
     before = _data_objects(aws_env, storages)
@@ -262,10 +264,7 @@ def test_a_second_rotation_reaches_wal_through_the_first_ones_entries(
 ) -> None:
     # A -> B, A retired and destroyed; then B -> C: the WAL headers still hold A's wrapping,
     # which only B's entries open now.
-    a, b, c = (tmp_path / n for n in ("a.key", "b.key", "c.key"))
-    for path in (a, b, c):
-        generate_key_file(path)
-    ka, kb, kc = (FileKeyProvider(p) for p in (a, b, c))
+    ka, kb, kc = _file_keys(tmp_path, "a.key", "b.key", "c.key")
     storages = _storages(aws_env)
     _backups(pg_server, storages, ka, 1)
     for old, new in ((KeyRing(kb, [ka]), kb), (KeyRing(kc, [kb]), kc)):
@@ -273,7 +272,7 @@ def test_a_second_rotation_reaches_wal_through_the_first_ones_entries(
         plan = plan_rotation(inventory(POLICY, storages, old), to_ids)
         done = execute_rotation(POLICY, plan, storages, old, new)
         assert done.failed == {} and done.wal_groups == 2
-        a.unlink(missing_ok=True)  # A is destroyed after the first rotation
+        ka.path.unlink(missing_ok=True)  # A is destroyed after the first rotation
     _everything_opens(storages, kc)
     left = still_under(inventory(POLICY, storages, kc), key_ids(kb, storages))
     assert left.manifests == [] and left.wal == [] and left.problems == []
@@ -285,10 +284,7 @@ def test_a_forged_rewrap_entry_is_not_taken_for_a_rotated_key(
     from drbot.ops.rewrap import write_entry
     from drbot.pipeline.stream import parse_header
 
-    a, b = tmp_path / "a.key", tmp_path / "b.key"
-    generate_key_file(a)
-    generate_key_file(b)
-    ka, kb = FileKeyProvider(a), FileKeyProvider(b)
+    ka, kb = _file_keys(tmp_path, "a.key", "b.key")
     storages = _storages(aws_env)
     _backups(pg_server, storages, ka, 1)
     east = storages[0]

@@ -158,6 +158,15 @@ class _Conn:
         return env
 
 
+def uri_field(uri: str, name: str, default: str) -> str:
+    """A field of a PostgreSQL URI or conninfo string (`user`, `dbname`, ...), or `default`
+    when it is absent or the string does not parse."""
+    try:
+        return str(conninfo_to_dict(uri).get(name) or default)
+    except psycopg.Error:
+        return default
+
+
 def _first_line(exc: BaseException) -> str:
     text = redact_text(str(exc)).strip()
     return text.splitlines()[0] if text else exc.__class__.__name__
