@@ -50,6 +50,13 @@ class LockHeld(DrbotError):
     exit_code = 11
 
 
+class PreconditionFailed(LockHeld):
+    """A conditional write lost: the object changed (or appeared) since it was read.
+
+    Only the lease uses conditional writes; losing one means another process holds it.
+    """
+
+
 class KeyProblem(DrbotError):
     """A key is missing, unreadable, too open, wrong, or the key service refused."""
 

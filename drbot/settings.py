@@ -33,6 +33,31 @@ class Settings(BaseSettings):
         default=None,
         description="Ed25519 audit signing key, 0600, made if absent (<audit_dir>/audit.key)",
     )
+    http: str = Field(
+        default="127.0.0.1:9187",
+        description="the daemon's HTTP address (host:port) for /healthz, /readyz and /metrics",
+    )
+    grace_period: float = Field(
+        default=60.0, gt=0, description="seconds running jobs get to finish after SIGTERM"
+    )
+    lease_ttl: float = Field(
+        default=60.0,
+        ge=3,
+        description="seconds a daemon's lease on a policy lasts unless renewed (renewed every "
+        "third of it); another daemon takes over this long after the holder stops renewing",
+    )
+    alert_webhook: str | None = Field(
+        default=None, description="webhook for every policy's alerts (Slack-compatible JSON)"
+    )
+    alert_email: str | None = Field(
+        default=None, description="comma-separated addresses for every policy's alerts"
+    )
+    smtp_host: str | None = Field(default=None, description="SMTP server for e-mail alerts")
+    smtp_port: int = Field(default=25, description="SMTP port (587 with STARTTLS, 465 TLS)")
+    smtp_tls: Literal["none", "starttls", "tls"] = "none"
+    smtp_user: str | None = None
+    smtp_password: str | None = Field(default=None, repr=False)
+    smtp_from: str = Field(default="drbot@localhost", description="From: of alert e-mail")
     log_level: Literal["debug", "info", "warning", "error"] = "warning"
     log_format: Literal["auto", "console", "json"] = "auto"
 

@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from drbot.audit.event import AuditEvent
-from drbot.policy.cron import cron_trigger
+from drbot.policy.cron import schedule_trigger
 
 MET = "met"
 NOT_MET = "not met"
@@ -42,8 +42,9 @@ def event_time(event: AuditEvent) -> datetime:
 
 
 def scheduled_runs(cron: str, since: datetime, until: datetime) -> int:
-    """How often a 5-field UTC cron fired in [since, until)."""
-    trigger = cron_trigger(cron)
+    """How often a schedule (5-field UTC cron, or `@every` counted from `since`) fired in
+    [since, until)."""
+    trigger = schedule_trigger(cron, start=since)
     count = 0
     previous = None
     now = since - timedelta(microseconds=1)

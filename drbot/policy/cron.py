@@ -1,4 +1,8 @@
-"""Cron expressions as crontab(5) defines them, turned into APScheduler triggers.
+"""Schedules: cron expressions as crontab(5) defines them, or `@every DURATION`, turned into
+APScheduler triggers.
+
+`@every 30s` / `@every 6h` runs at a fixed interval counted from the daemon's start; it is
+for short intervals (demos, tests) and for "every N hours, whenever" jobs. Cron is read in UTC.
 
 APScheduler 3's `CronTrigger.from_crontab` numbers weekdays from Monday (0 = Monday), while
 crontab numbers them from Sunday (0 and 7 = Sunday, 1 = Monday). A policy that says
@@ -8,7 +12,14 @@ day-of-week field is translated here into weekday names, which both agree on.
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from drbot.policy.durations import parse_duration
+
+EVERY = "@every "
 
 _NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
 
@@ -64,3 +75,12 @@ def cron_trigger(expr: str) -> CronTrigger:
         day_of_week=crontab_days(weekday),
         timezone="UTC",
     )
+
+
+def schedule_trigger(expr: str, *, start: datetime | None = None) -> CronTrigger | IntervalTrigger:
+    """The trigger for a schedule: `@every DURATION` (counted from `start`, default now) or a
+    5-field UTC crontab expression. ValueError (saying what is wrong) for anything else."""
+    if expr.startswith(EVERY):
+        every = parse_duration(expr[len(EVERY) :].strip())
+        return IntervalTrigger(seconds=int(every.total_seconds()), start_date=start, timezone="UTC")
+    return cron_trigger(expr)

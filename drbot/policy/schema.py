@@ -30,7 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-from drbot.policy.cron import cron_trigger
+from drbot.policy.cron import schedule_trigger
 from drbot.policy.durations import Duration
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -55,13 +55,15 @@ class SubfieldError(ValueError):
 
 
 def check_cron(expr: str) -> str:
-    """`expr` itself if it is a 5-field crontab expression (UTC); ValueError otherwise."""
+    """`expr` itself if it is a 5-field crontab expression (UTC) or `@every DURATION`;
+    ValueError otherwise."""
     try:
-        cron_trigger(expr)
+        schedule_trigger(expr)
     except ValueError as exc:
         raise ValueError(
-            f"invalid cron expression {expr!r}: {exc} "
-            "(5 fields, UTC: minute hour day-of-month month day-of-week)"
+            f"invalid schedule {expr!r}: {exc} "
+            "(cron: 5 fields, UTC: minute hour day-of-month month day-of-week; "
+            "or '@every 30m')"
         ) from None
     return expr
 
@@ -152,13 +154,21 @@ class Source(_Model):
 
 
 class Schedule(_Model):
-    """When jobs run: 5-field cron expressions read in UTC. An omitted job is not scheduled."""
+    """When jobs run: 5-field cron expressions read in UTC, or `@every DURATION`. An omitted
+    job is not scheduled (verify runs daily unless set to null)."""
 
     full: Cron | None = Field(default=None, description="full backups (cron, UTC)")
     incremental: Incremental | None = Field(
         default=None, description="'continuous' (WAL / change-stream streaming) or cron, UTC"
     )
     drill: Cron | None = Field(default=None, description="restore drills (cron, UTC)")
+    verify: Cron | None = Field(
+        default="0 4 * * *",
+        description="the daemon's check of a sample of stored backups (cron, UTC; null: never)",
+    )
+    verify_sample: int = Field(
+        default=2, ge=1, description="backups each scheduled verify reads back (newest + random)"
+    )
 
 
 _KEEP_FIELDS = ("keep_last", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
@@ -351,6 +361,33 @@ def _check_file_url(url: str) -> str:
     return url.rstrip("/") or "file:///"
 
 
+class Alerts(_Model):
+    """Where this policy's alerts go (in addition to the daemon-wide DRBOT_ALERT_* settings)."""
+
+    webhook: str | None = Field(
+        default=None,
+        description='http(s) URL receiving Slack-compatible JSON ({"text": ...}); '
+        "write ${VAR} if it holds a token",
+    )
+    email: list[Annotated[str, StringConstraints(pattern=r"^[^@\s]+@[^@\s]+$")]] = Field(
+        default_factory=list, description="addresses mailed through DRBOT_SMTP_HOST"
+    )
+    interval: Duration = Field(
+        default=timedelta(hours=1),
+        description="at most one alert per condition per interval while it lasts",
+    )
+
+    @field_validator("webhook")
+    @classmethod
+    def _valid_webhook(cls, url: str | None) -> str | None:
+        if url is not None:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                # Never quote the URL: webhook URLs embed their secret.
+                raise ValueError("must be an http:// or https:// URL")
+        return url
+
+
 class Targets(_Model):
     """Recovery objectives that drills measure against. Omitted = not checked."""
 
@@ -442,6 +479,7 @@ class Policy(_Model):
     destinations: list[Destination] = Field(min_length=1)
     targets: Targets = Field(default_factory=Targets)
     drill: Drill = Field(default_factory=Drill)
+    alerts: Alerts = Field(default_factory=Alerts)
 
     _source_file: Path | None = PrivateAttr(default=None)
     _source_sha256: str | None = PrivateAttr(default=None)

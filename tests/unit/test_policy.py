@@ -194,9 +194,27 @@ def test_invalid_cron_names_field_and_expression(tmp_path: Path) -> None:
 
     problems = problems_of(path)
 
-    assert problems[0].startswith(f"{path}: schedule.full: invalid cron expression '0 25 * * *'")
-    assert problems[1].startswith(f"{path}: schedule.incremental: invalid cron expression")
+    assert problems[0].startswith(f"{path}: schedule.full: invalid schedule '0 25 * * *'")
+    assert problems[1].startswith(f"{path}: schedule.incremental: invalid schedule")
     assert len(problems) == 2
+
+
+def test_every_schedules_are_accepted_and_checked(tmp_path: Path) -> None:
+    """`@every DURATION` is a schedule; a bad duration after it is named like a bad cron."""
+    data = shop_data()
+    data["schedule"]["full"] = "@every 30s"
+    data["schedule"]["drill"] = "@every 1h30m"
+    data["schedule"]["verify"] = "@every 5 minutes"
+    path = write(tmp_path, "shop.yaml", data)
+
+    problems = problems_of(path)
+
+    assert len(problems) == 1
+    assert problems[0].startswith(f"{path}: schedule.verify: invalid schedule '@every 5 minutes'")
+    data["schedule"]["verify"] = None
+    policy = load_policy(write(tmp_path, "shop.yaml", data), ENV)
+    assert policy.schedule.full == "@every 30s"
+    assert policy.schedule.verify is None
 
 
 def test_missing_env_var_is_named_once_with_its_field(tmp_path: Path) -> None:
