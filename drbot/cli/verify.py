@@ -29,12 +29,19 @@ from drbot.ops.verify import run_verify
 @click.option(
     "--destination", default=None, help="Only this destination [default: every destination]."
 )
+@click.option(
+    "--sample",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Check only the newest backup and N-1 others at random (WAL not read).",
+)
 @policies_option
 @json_option
 def command(
     policy_name: str,
     backup_id: str | None,
     destination: str | None,
+    sample: int | None,
     policies_dir: Path | None,
     as_json: bool,
 ) -> None:
@@ -47,6 +54,7 @@ def command(
     Examples:
       drbot verify --policy shop
       drbot verify --policy shop --backup 20261123T020000Z-1a2b3c --destination replica
+      drbot verify --policy shop --sample 2       the daemon's daily spot check
     """
     settings = load_settings(policies_dir)
     policy = find_policy(settings, policy_name)
@@ -66,6 +74,7 @@ def command(
             storages,
             build.build_keys(policy),
             backup_id=backup_id,
+            sample=sample,
             progress=lambda d, name, n: progress(f"{d}:{name}", n),
         )
     record_verify(trail, policy.name, report)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -56,10 +57,15 @@ def run_verify(
     keys: KeyProvider,
     *,
     backup_id: str | None = None,
+    sample: int | None = None,
+    rng: random.Random | None = None,
     progress: Callable[[str, str, int], None] | None = None,
 ) -> VerifyReport:
     """Check every (or one) backup of `policy` in each of `storages`, and (unless one backup
-    is asked for) every WAL object and the continuity of each physical chain.
+    or a sample is asked for) every WAL object and the continuity of each physical chain.
+
+    `sample` checks the newest backup and `sample - 1` others picked at random (`rng`), each
+    in every destination: the daemon's daily spot check, cheap enough to run on any archive.
 
     Raises `NoRestorePoint` if `backup_id` is given and no destination has it (nor a damaged
     manifest for it), and `KeyProblem` if no manifest at all opens with the policy key.
@@ -80,6 +86,11 @@ def run_verify(
         backups = [b for b in backups if b.backup_id == backup_id]
         if not backups and not report.findings:
             raise NoRestorePoint(f"no backup {backup_id} of policy {policy!r} in the destinations")
+    if sample is not None and len(backups) > sample:
+        *older, newest = sorted(backups, key=lambda b: b.backup_id)
+        # Not security: which old backups the spot check reads.
+        picked = (rng or random.Random()).sample(older, sample - 1) if sample > 1 else []  # noqa: S311
+        backups = sorted([*picked, newest], key=lambda b: b.backup_id)
     by_name = {s.name: s for s in storages}
     checked = 0
     nbytes = 0
@@ -117,7 +128,7 @@ def run_verify(
                         key=rec.key,
                         error=exc.message,
                     )
-    if backup_id is None:
+    if backup_id is None and sample is None:
         wal = verify_wal(policy, storages, keys, scan, progress)
         checked, nbytes = checked + wal.checked_objects, nbytes + wal.checked_bytes
         _merge(report, wal)
