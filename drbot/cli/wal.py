@@ -6,8 +6,10 @@ import os
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+import structlog
 
 from drbot.cli import build
 from drbot.cli.common import (
@@ -18,6 +20,9 @@ from drbot.cli.common import (
     recording_failure,
 )
 from drbot.errors import DrbotError, IntegrityFailure, StorageUnavailable, UsageError
+
+if TYPE_CHECKING:
+    from drbot.ops.walstream import WalStreamer
 
 
 @click.group("wal")
@@ -35,8 +40,15 @@ def command() -> None:
 
 @command.command("stream")
 @click.option("--policy", "policy_name", required=True, help="Policy whose WAL to stream.")
+@click.option(
+    "--status-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Rewrite this JSON file every 2 s with positions, lag and connection state "
+    "(the daemon reads it for /readyz and /metrics).",
+)
 @policies_option
-def stream(policy_name: str, policies_dir: Path | None) -> None:
+def stream(policy_name: str, status_file: Path | None, policies_dir: Path | None) -> None:
     """Stream WAL through drbot's replication slot into every destination, until stopped.
 
     Each completed segment is stored and read back in every destination before the slot is
@@ -117,6 +129,8 @@ def stream(policy_name: str, policies_dir: Path | None) -> None:
         on_gap=on_gap,
     )
     interrupted = False
+    if status_file is not None:
+        _write_status_every(status_file, streamer, stop)
     with (
         recording_failure(trail, "wal.stream_failed", policy=policy.name, subject=subject),
         policy_lock(settings.state_dir, f"{policy.name}.wal"),
@@ -144,6 +158,29 @@ def stream(policy_name: str, policies_dir: Path | None) -> None:
             },
         )
         raise KeyboardInterrupt
+
+
+def _write_status_every(path: Path, streamer: WalStreamer, stop: threading.Event) -> None:
+    """Rewrite `path` (atomically) with the streamer's state every 2 s, in a daemon thread."""
+    import json
+    from datetime import UTC, datetime
+
+    def loop() -> None:
+        while True:
+            doc = {**streamer.state.as_json(), "pid": os.getpid(), "at": datetime.now(UTC)}
+            tmp = path.with_name(path.name + ".tmp")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp.write_text(json.dumps(doc, default=str))
+                tmp.replace(path)
+            except OSError as exc:
+                structlog.get_logger(__name__).warning(
+                    "wal.status_unwritable", path=str(path), error=str(exc)
+                )
+            if stop.wait(2.0):
+                return
+
+    threading.Thread(target=loop, name="drbot-wal-status", daemon=True).start()
 
 
 @command.command("fetch")

@@ -94,6 +94,22 @@ class StreamState:
     segments_shipped: int = 0
     partials_shipped: int = 0
     connected: bool = False
+    archived_at: datetime | None = None
+    """When WAL was last stored everywhere, or the archive last confirmed current (heartbeat)."""
+
+    def as_json(self) -> dict[str, object]:
+        """The state for a status file (`drbot wal stream --status-file`), LSNs as text."""
+        return {
+            "timeline": self.timeline,
+            "received_lsn": format_lsn(self.received_lsn),
+            "archived_lsn": format_lsn(self.archived_lsn),
+            "server_lsn": format_lsn(self.server_lsn),
+            "lag_bytes": max(0, self.server_lsn - self.archived_lsn),
+            "segments_shipped": self.segments_shipped,
+            "partials_shipped": self.partials_shipped,
+            "connected": self.connected,
+            "archived_at": self.archived_at.isoformat() if self.archived_at else None,
+        }
 
 
 class WalStreamer:
@@ -375,6 +391,7 @@ class WalStreamer:
             for storage in self.storages:
                 safe_delete(storage, partial)
         self.state.segments_shipped += 1
+        self.state.archived_at = datetime.now(UTC)
         log.info("wal.segment_archived", policy=self.settings.policy, segment=name)
 
     def _ship_partial(self, cur: _Current, repl: ReplicationConnection | None = None) -> None:
@@ -392,6 +409,7 @@ class WalStreamer:
             cur.partial_len = len(cur.buf)
             self.state.partials_shipped += 1
             self.state.archived_lsn = cur.end
+            self.state.archived_at = datetime.now(UTC)
             if repl is not None:
                 repl.send_status(self.state.received_lsn, cur.end)
         # The next interval tries again; the complete segment will follow in any case.
@@ -408,6 +426,8 @@ class WalStreamer:
         restores may target this moment."""
         beat = Heartbeat(at, cur.segment.timeline, cur.end)
         failed = self.shipper.put(layout.wal_heartbeat_key(self.settings.policy), beat.encode())
+        if not failed:
+            self.state.archived_at = max(self.state.archived_at or at, at)
         self._warn_failed("wal.heartbeat_failed", failed)
 
     def _warn_failed(self, event: str, failed: dict[str, str], **fields: str) -> None:
