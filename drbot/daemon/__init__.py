@@ -1,0 +1,1 @@
+"""The long-running daemon: scheduling, supervision, health, metrics, alerts."""
