@@ -50,6 +50,15 @@ class Storage(Protocol):
     - `delete` removes an object; deleting a missing object is not an error.
     - `abort_incomplete` removes leftovers of interrupted puts under `prefix` (multipart uploads,
       temp files) and returns how many it removed.
+    - `read_tagged` returns a whole (small) object with an opaque version tag; `ObjectNotFound`
+      if absent. Equal tags mean equal bytes; the tag changes whenever the bytes do.
+    - `put_if` is a conditional write of a small object: it stores `data` at `key` only if the
+      current tag equals `expected` (`None`: only if no object exists), and returns the new tag;
+      otherwise it raises `PreconditionFailed` and changes nothing. Among `put_if` writers of
+      one key exactly one of several racing on the same tag wins (no lost update), and a reader
+      sees the old bytes or the new ones, never a mix. Objects so written are listed like any
+      other and are never object-locked (they must stay rewritable). Mixing a plain `put` with
+      `put_if` on one key is not serialized; only `put_if` writers are.
     - Failures to reach the destination raise `StorageUnavailable` (retryable) after the
       implementation's own retries. Nothing else from the underlying library escapes.
     """
@@ -74,3 +83,7 @@ class Storage(Protocol):
     def delete(self, key: str) -> None: ...
 
     def abort_incomplete(self, prefix: str) -> int: ...
+
+    def read_tagged(self, key: str) -> tuple[bytes, str]: ...
+
+    def put_if(self, key: str, data: bytes, *, expected: str | None) -> str: ...

@@ -227,3 +227,13 @@ def rewrap_key(key_id: str, blob: bytes) -> str:
 
     digest = hashlib.sha256(key_id.encode() + b"\0" + blob).hexdigest()
     return f"{REWRAP_PREFIX}{digest}.json"
+
+
+# -- lease -------------------------------------------------------------------------------------
+#
+#   <policy>/lease.json   which daemon acts on the policy now (docs/design.md, "Lease"); kept in
+#                         the policy's first destination and written only with conditional writes
+
+
+def lease_key(policy: str) -> str:
+    return f"{policy}/lease.json"

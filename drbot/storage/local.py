@@ -4,11 +4,16 @@ Puts are atomic: bytes go to `.<basename>.partial-<random>` next to the final fi
 fsynced, then renamed over the key, and the directory is fsynced, so after a crash a key holds
 either the old object, the new one, or nothing, never a torn file. The root must already exist:
 a missing root is far more often an unmounted volume than a wish for a new directory.
+
+Conditional writes (`put_if`) are serialized by an flock on a sidecar `.<basename>.put-if.lock`
+next to the object. It is never listed, and stays when the object is deleted: removing a lock
+file another writer may be waiting on would let two writers in.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import tempfile
@@ -18,20 +23,21 @@ from pathlib import Path
 
 import structlog
 
-from drbot.errors import ObjectNotFound, StorageUnavailable
+from drbot.errors import ObjectNotFound, PreconditionFailed, StorageUnavailable
 from drbot.storage.base import ObjectInfo, PutResult, Storage
 
 log = structlog.get_logger(__name__)
 
 READ_CHUNK_BYTES = 1 << 20
 PARTIAL_MARK = ".partial-"
+LOCK_SUFFIX = ".put-if.lock"
 
 
 def check_key(key: str) -> tuple[str, ...]:
     """The '/'-separated parts of `key`; ValueError if it could escape or alias a directory.
 
     Rejected: empty keys, a leading '/', empty parts ('a//b', trailing '/'), '.' and '..'
-    parts, NUL bytes, and names that look like an unfinished put's temp file.
+    parts, NUL bytes, and names that look like an unfinished put's temp file or a put_if lock.
     """
     if not key or key.startswith("/") or "\0" in key:
         raise ValueError(f"invalid object key {key!r}: must be non-empty and relative")
@@ -41,6 +47,8 @@ def check_key(key: str) -> tuple[str, ...]:
             raise ValueError(f"invalid object key {key!r}: empty, '.' or '..' part")
         if part.startswith(".") and PARTIAL_MARK in part:
             raise ValueError(f"invalid object key {key!r}: reserved for unfinished puts")
+        if _is_lock(part):
+            raise ValueError(f"invalid object key {key!r}: reserved for put_if lock files")
     return parts
 
 
@@ -52,8 +60,13 @@ def _check_prefix(prefix: str) -> None:
         raise ValueError(f"invalid prefix {prefix!r}: '.' or '..' part")
 
 
+def _is_lock(name: str) -> bool:
+    """Whether `name` is the flock sidecar of a put_if'd object (never an object itself)."""
+    return name.startswith(".") and name.endswith(LOCK_SUFFIX)
+
+
 def _is_partial(name: str) -> bool:
-    return name.startswith(".") and PARTIAL_MARK in name
+    return name.startswith(".") and PARTIAL_MARK in name and not _is_lock(name)
 
 
 def _partial_target(name: str) -> str:
@@ -121,6 +134,21 @@ class LocalStorage:
         self._require_root()
         try:
             self._make_dirs(path.parent)
+        except OSError as exc:
+            raise self._unavailable(f"put {key}", exc) from exc
+        result = self._write_atomic(key, path, chunks)
+        log.debug(
+            "storage.put_completed", destination=self.name, key=key, size_bytes=result.size_bytes
+        )
+        return result
+
+    def _write_atomic(self, key: str, path: Path, chunks: Iterable[bytes]) -> PutResult:
+        """Write `chunks` to a temp file beside `path`, fsync, rename over it, fsync the dir.
+
+        The directory must exist. StorageUnavailable on OSError; anything `chunks` raises
+        propagates as is; either way the temp file is removed.
+        """
+        try:
             fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}{PARTIAL_MARK}", dir=path.parent)
         except OSError as exc:
             raise self._unavailable(f"put {key}", exc) from exc
@@ -143,7 +171,6 @@ class LocalStorage:
             if isinstance(exc, OSError):
                 raise self._unavailable(f"put {key}", exc) from exc
             raise
-        log.debug("storage.put_completed", destination=self.name, key=key, size_bytes=size)
         return PutResult(key=key, size_bytes=size, sha256=digest.hexdigest())
 
     def open(self, key: str, *, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
@@ -222,7 +249,7 @@ class LocalStorage:
         found: list[ObjectInfo] = []
         for dir_key, name, path in self._walk(prefix):
             key = dir_key + name
-            if _is_partial(name) or not key.startswith(prefix):
+            if _is_partial(name) or _is_lock(name) or not key.startswith(prefix):
                 continue
             try:
                 st = path.stat()
@@ -264,6 +291,62 @@ class LocalStorage:
         if removed:
             log.info("storage.incomplete_aborted", destination=self.name, count=removed)
         return removed
+
+    def _read_current(self, key: str, path: Path) -> bytes | None:
+        """The whole object at `path`, or None if there is none (a directory is none)."""
+        try:
+            return path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+        except OSError as exc:
+            raise self._unavailable(f"read {key}", exc) from exc
+
+    def read_tagged(self, key: str) -> tuple[bytes, str]:
+        """The whole object and its tag, the SHA-256 (hex) of its bytes.
+
+        ObjectNotFound if absent, StorageUnavailable on read errors, ValueError for a bad key.
+        """
+        path = self._path(key)
+        self._require_root()
+        data = self._read_current(key, path)
+        if data is None:
+            raise ObjectNotFound(f"{self.url}/{key} does not exist")
+        return data, hashlib.sha256(data).hexdigest()
+
+    def put_if(self, key: str, data: bytes, *, expected: str | None) -> str:
+        """Store `data` at `key` if its current tag is `expected` (None: if there is no object).
+
+        Writers are serialized by an flock on the key's sidecar, so the compare and the atomic
+        rename happen as one step for every put_if writer (also across processes on this host).
+        Returns the new tag; PreconditionFailed if the tag differs, StorageUnavailable on I/O
+        errors, ValueError for a bad key.
+        """
+        path = self._path(key)
+        self._require_root()
+        try:
+            self._make_dirs(path.parent)
+            lock_fd = os.open(
+                path.parent / f".{path.name}{LOCK_SUFFIX}", os.O_RDWR | os.O_CREAT, 0o600
+            )
+        except OSError as exc:
+            raise self._unavailable(f"put_if {key}", exc) from exc
+        try:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                raise self._unavailable(f"put_if {key}", exc) from exc
+            current = self._read_current(key, path)
+            tag = None if current is None else hashlib.sha256(current).hexdigest()
+            if tag != expected:
+                raise PreconditionFailed(
+                    f"{self.url}/{key} changed: expected {expected or 'no object'}, "
+                    f"found {tag or 'no object'}"
+                )
+            result = self._write_atomic(key, path, [data])
+        finally:
+            os.close(lock_fd)  # releases the flock
+        log.debug("storage.put_if_completed", destination=self.name, key=key)
+        return result.sha256
 
 
 _: type[Storage] = LocalStorage

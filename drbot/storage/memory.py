@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 
-from drbot.errors import ObjectNotFound, StorageUnavailable
+from drbot.errors import ObjectNotFound, PreconditionFailed, StorageUnavailable
 from drbot.storage.base import ObjectInfo, PutResult, Storage
 
 
@@ -83,6 +83,30 @@ class MemoryStorage:
     def abort_incomplete(self, prefix: str) -> int:
         self._check()
         return 0
+
+    def read_tagged(self, key: str) -> tuple[bytes, str]:
+        """The object and its tag (SHA-256 hex of its bytes, as LocalStorage uses)."""
+        self._check()
+        with self._lock:
+            found = self.objects.get(key)
+        if found is None:
+            raise ObjectNotFound(f"{self.url}/{key} does not exist")
+        return found[0], hashlib.sha256(found[0]).hexdigest()
+
+    def put_if(self, key: str, data: bytes, *, expected: str | None) -> str:
+        """Store `data` if the object's tag is `expected` (None: if absent), under the lock."""
+        self._check()
+        data = bytes(data)
+        with self._lock:
+            found = self.objects.get(key)
+            current = None if found is None else hashlib.sha256(found[0]).hexdigest()
+            if current != expected:
+                raise PreconditionFailed(
+                    f"{self.url}/{key} changed: expected {expected or 'no object'}, "
+                    f"found {current or 'no object'}"
+                )
+            self.objects[key] = (data, datetime.now(UTC))
+        return hashlib.sha256(data).hexdigest()
 
 
 _: type[Storage] = MemoryStorage

@@ -3,6 +3,10 @@
 Retries, backoff and timeouts are botocore's (`standard` mode); this module adds none of its
 own. Every call goes through `_s3_errors`, the one place botocore's exceptions become drbot's,
 so nothing from boto3 reaches callers, including errors raised while iterating `open`.
+
+Conditional writes (`put_if`) are S3's own: PutObject with If-None-Match / If-Match, tag = ETag.
+In a versioned bucket each one leaves the replaced version behind as noncurrent; `put_if`
+deletes it at once (best effort), so a lease renewed every few seconds does not pile up versions.
 """
 
 from __future__ import annotations
@@ -28,7 +32,13 @@ from botocore.exceptions import (
 )
 
 from drbot.clock import Clock, SystemClock
-from drbot.errors import DrbotError, ObjectNotFound, PolicyInvalid, StorageUnavailable
+from drbot.errors import (
+    DrbotError,
+    ObjectNotFound,
+    PolicyInvalid,
+    PreconditionFailed,
+    StorageUnavailable,
+)
 from drbot.storage.base import ObjectInfo, ObjectLock, PutResult, Storage
 
 if TYPE_CHECKING:
@@ -58,6 +68,8 @@ _CREDENTIALS = frozenset(
     }
 )
 _WRONG_REGION = frozenset({"PermanentRedirect", "AuthorizationHeaderMalformed", "301"})
+# A conditional write that lost: 412, or 409 when another conditional write was in flight.
+_CONDITION_LOST = frozenset({"PreconditionFailed", "ConditionalRequestConflict", "412"})
 _CREDENTIALS_HINT = (
     "check the AWS credentials drbot runs with (AWS_PROFILE, AWS_ACCESS_KEY_ID, instance role) "
     "and that their policy allows s3:{op} on bucket {bucket}"
@@ -107,6 +119,9 @@ class S3Storage:
         self.object_lock = object_lock
         self.part_size = part_size
         self._clock: Clock = clock or SystemClock()
+        # full key -> (ETag, VersionId) last read or written by read_tagged/put_if, so put_if
+        # knows which version it replaced without listing versions.
+        self._seen_versions: dict[str, tuple[str, str]] = {}
         config = Config(
             region_name=region,
             retries={"mode": "standard", "max_attempts": max_attempts},
@@ -480,6 +495,89 @@ class S3Storage:
         if aborted:
             log.info("storage.incomplete_aborted", destination=self.name, count=aborted)
         return aborted
+
+    def read_tagged(self, key: str) -> tuple[bytes, str]:
+        """The whole object and its ETag (the tag `put_if` expects).
+
+        ObjectNotFound if absent, StorageUnavailable if S3 fails or the bucket is missing.
+        """
+        full = self._key(key)
+        with self._s3_errors("GetObject", key):
+            response = self._client.get_object(Bucket=self.bucket, Key=full)
+            body = response["Body"]
+            try:
+                data = body.read()
+            finally:
+                body.close()
+        tag = response["ETag"]
+        self._remember_version(full, tag, response.get("VersionId"))
+        return data, tag
+
+    def put_if(self, key: str, data: bytes, *, expected: str | None) -> str:
+        """Store `data` at `key` only if its ETag is `expected` (None: only if it is absent).
+
+        Returns the new ETag. PreconditionFailed if the condition does not hold (412; 409 when
+        another conditional write raced; 404 for If-Match on a missing object), other failures
+        as `put` reports them. Never object-locked. After replacing a version in a versioned
+        bucket, deletes the replaced version (best effort: failures, e.g. under a default
+        retention, are only logged).
+
+        botocore retries a request whose answer was lost: if the first attempt had succeeded,
+        the retry reports PreconditionFailed although `data` was stored. Callers that put their
+        own identity in `data` can tell by reading it back.
+        """
+        full = self._key(key)
+        condition: dict[str, Any] = (
+            {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}
+        )
+        checksum = b64encode(hashlib.sha256(data).digest()).decode()
+        try:
+            response = self._client.put_object(
+                Bucket=self.bucket,
+                Key=full,
+                Body=data,
+                ChecksumAlgorithm="SHA256",
+                ChecksumSHA256=checksum,
+                **condition,
+            )
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in _CONDITION_LOST or status == 412 or (expected and code == "NoSuchKey"):
+                raise PreconditionFailed(
+                    f"{self._where(key)} changed: expected {expected or 'no object'} ({code})"
+                ) from exc
+            raise self._translate(exc, "PutObject", key) from exc
+        except BotoCoreError as exc:
+            raise self._translate(exc, "PutObject", key) from exc
+        tag = response["ETag"]
+        version = response.get("VersionId")
+        replaced = self._seen_versions.get(full)
+        self._remember_version(full, tag, version)
+        if expected is not None and version and replaced and replaced[0] == expected:
+            self._drop_version(key, full, replaced[1])
+        return tag
+
+    def _remember_version(self, full: str, tag: str, version: str | None) -> None:
+        if version and version != "null":
+            self._seen_versions[full] = (tag, version)
+        else:
+            self._seen_versions.pop(full, None)
+
+    def _drop_version(self, key: str, full: str, version_id: str) -> None:
+        """Delete a now noncurrent version `put_if` replaced; never raises."""
+        try:
+            with self._s3_errors("DeleteObject", key):
+                self._client.delete_object(Bucket=self.bucket, Key=full, VersionId=version_id)
+        except DrbotError as exc:
+            log.debug(
+                "storage.version_cleanup_failed",
+                destination=self.name,
+                key=key,
+                version_id=version_id,
+                error=str(exc),
+            )
 
 
 _: type[Storage] = S3Storage

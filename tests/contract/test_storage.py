@@ -1,4 +1,8 @@
-"""The Storage contract, run against a local directory and S3 (moto's server) in two regions."""
+"""The Storage contract, run against a local directory and S3 (moto's server) in two regions.
+
+Conditional writes (`read_tagged` / `put_if`) also run against MemoryStorage, which the lease's
+unit tests stand on.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,9 @@ import hashlib
 import os
 import random
 import socket
+import subprocess
+import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -15,9 +22,16 @@ from typing import Any
 import pytest
 
 from drbot.clock import FakeClock
-from drbot.errors import DrbotError, ObjectNotFound, PolicyInvalid, StorageUnavailable
+from drbot.errors import (
+    DrbotError,
+    ObjectNotFound,
+    PolicyInvalid,
+    PreconditionFailed,
+    StorageUnavailable,
+)
 from drbot.storage.base import ObjectLock, Storage
 from drbot.storage.local import LocalStorage
+from drbot.storage.memory import MemoryStorage
 from drbot.storage.open import open_storage
 from drbot.storage.s3 import S3Storage
 from tests.fixtures.s3 import REGIONS, S3Server
@@ -464,6 +478,156 @@ def test_storage_describes_itself(case: StorageCase) -> None:
         assert case.storage.region == case.kind.removeprefix("s3-")
 
 
+# --- conditional writes, for every implementation (and memory) ---------------------------
+
+
+@pytest.fixture(params=["memory", "local", *(f"s3-{region}" for region in REGIONS)])
+def tagged(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
+    """A storage to test read_tagged / put_if on: memory, local, S3 in each region."""
+    if request.param == "memory":
+        return MemoryStorage("memory-dest")
+    if request.param == "local":
+        return _local_case(tmp_path).storage
+    aws_env: S3Server = request.getfixturevalue("aws_env")
+    region = request.param.removeprefix("s3-")
+    return _s3_case(aws_env, region, S3_PREFIX if region != "us-east-1" else "").storage
+
+
+def test_put_if_absent_creates_once(tagged: Storage) -> None:
+    """put_if(expected=None) creates a missing object; a second one fails and changes nothing."""
+    tag = tagged.put_if("p/lease.json", b"first", expected=None)
+    assert tagged.read_tagged("p/lease.json") == (b"first", tag)
+    with pytest.raises(PreconditionFailed):
+        tagged.put_if("p/lease.json", b"second", expected=None)
+    assert tagged.read_tagged("p/lease.json") == (b"first", tag)
+
+
+def test_put_if_replaces_only_the_expected_version(tagged: Storage) -> None:
+    """An update with the current tag wins and yields a new tag; one with a stale tag fails."""
+    first = tagged.put_if("k", b"one", expected=None)
+    second = tagged.put_if("k", b"two", expected=first)
+    assert second != first
+    assert tagged.read_tagged("k") == (b"two", second)
+    with pytest.raises(PreconditionFailed):
+        tagged.put_if("k", b"stale", expected=first)
+    assert tagged.read_tagged("k") == (b"two", second)
+    third = tagged.put_if("k", b"three", expected=second)
+    assert tagged.read_tagged("k") == (b"three", third)
+
+
+def test_put_if_with_a_tag_on_a_missing_object_fails(tagged: Storage) -> None:
+    """Expecting a version of an object that does not exist is a lost condition, not a create."""
+    tag = tagged.put_if("there", b"x", expected=None)
+    with pytest.raises(PreconditionFailed):
+        tagged.put_if("absent", b"y", expected=tag)
+    with pytest.raises(ObjectNotFound):
+        tagged.read_tagged("absent")
+
+
+def test_read_tagged_of_a_missing_object_is_object_not_found(tagged: Storage) -> None:
+    """read_tagged raises ObjectNotFound for an absent key, also below an existing one."""
+    tagged.put("present", [b"here"])
+    with pytest.raises(ObjectNotFound):
+        tagged.read_tagged("absent")
+    with pytest.raises(ObjectNotFound):
+        tagged.read_tagged("present/below")
+
+
+def test_a_put_object_can_be_replaced_with_its_tag(tagged: Storage) -> None:
+    """The tag read_tagged gives for an object stored by put works for put_if."""
+    tagged.put("k", [b"plain ", b"put"])
+    data, tag = tagged.read_tagged("k")
+    assert data == b"plain put"
+    with pytest.raises(PreconditionFailed):
+        tagged.put_if("k", b"created", expected=None)
+    tagged.put_if("k", b"replaced", expected=tag)
+    assert read_all(tagged.open("k")) == b"replaced"
+
+
+def test_put_if_objects_are_ordinary_objects(tagged: Storage) -> None:
+    """A put_if object is listed, stat'ed, opened and deleted like any other; nothing else is."""
+    tag = tagged.put_if("p/lease.json", b"{}", expected=None)
+    tagged.put_if("p/lease.json", b'{"a": 1}', expected=tag)
+    tagged.put("p/other", [b"x"])
+    assert [(i.key, i.size_bytes) for i in tagged.list("")] == [
+        ("p/lease.json", 8),
+        ("p/other", 1),
+    ]
+    assert [i.key for i in tagged.list("p/l")] == ["p/lease.json"]
+    assert tagged.stat("p/lease.json").size_bytes == 8
+    assert read_all(tagged.open("p/lease.json")) == b'{"a": 1}'
+    assert tagged.abort_incomplete("") == 0
+    tagged.delete("p/lease.json")
+    assert [i.key for i in tagged.list("")] == ["p/other"]
+    tagged.put_if("p/lease.json", b"again", expected=None)
+    assert [i.key for i in tagged.list("p/")] == ["p/lease.json", "p/other"]
+
+
+RACERS = 8
+INCREMENTS = 3
+
+
+def test_racing_creates_have_one_winner(tagged: Storage) -> None:
+    """Of several put_if(expected=None) released at once, exactly one succeeds."""
+    start = threading.Barrier(RACERS)
+    won: list[int] = []
+    errors: list[BaseException] = []
+
+    def race(i: int) -> None:
+        start.wait()
+        try:
+            tagged.put_if("once", f"racer {i}".encode(), expected=None)
+            won.append(i)
+        except PreconditionFailed:
+            pass
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(RACERS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(won) == 1
+    assert tagged.read_tagged("once")[0] == f"racer {won[0]}".encode()
+
+
+def test_racing_read_modify_writes_lose_no_update(tagged: Storage) -> None:
+    """Threads incrementing one counter by read_tagged -> put_if (retrying on a lost
+    condition) end with exactly as many increments as succeeded: no update is lost."""
+    tagged.put_if("counter", b"0", expected=None)
+    start = threading.Barrier(RACERS)
+    wins: list[int] = []
+    refused: list[int] = []
+    errors: list[BaseException] = []
+
+    def increment(i: int) -> None:
+        start.wait()
+        try:
+            done = 0
+            while done < INCREMENTS:
+                data, tag = tagged.read_tagged("counter")
+                try:
+                    tagged.put_if("counter", str(int(data) + 1).encode(), expected=tag)
+                except PreconditionFailed:
+                    refused.append(i)
+                    continue
+                wins.append(i)
+                done += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=increment, args=(i,)) for i in range(RACERS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == []
+    assert len(wins) == RACERS * INCREMENTS
+    assert tagged.read_tagged("counter")[0] == str(RACERS * INCREMENTS).encode()
+
+
 # --- local specifics ------------------------------------------------------------------------
 
 
@@ -474,6 +638,8 @@ ALL_OPS: dict[str, Callable[[Storage], object]] = {
     "list": lambda s: list(s.list("")),
     "delete": lambda s: s.delete("k"),
     "abort_incomplete": lambda s: s.abort_incomplete(""),
+    "read_tagged": lambda s: s.read_tagged("k"),
+    "put_if": lambda s: s.put_if("k", b"x", expected=None),
 }
 
 
@@ -509,6 +675,54 @@ def test_local_failed_put_leaves_no_temp_file(tmp_path: Path) -> None:
     with pytest.raises(SourceFailedError):
         storage.put("d/obj", failing(b"x" * 1000, 10))
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_local_put_if_lock_sidecar_is_hidden_and_kept(tmp_path: Path) -> None:
+    """put_if's flock sidecar sits next to the object, is never listed nor taken for an
+    unfinished put, survives delete, and no key may name it."""
+    storage = LocalStorage("local", tmp_path)
+    tag = storage.put_if("p/lease.json", b"v1", expected=None)
+    storage.put_if("p/lease.json", b"v2", expected=tag)
+    files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert files == ["p/.lease.json.put-if.lock", "p/lease.json"]
+    assert [info.key for info in storage.list("")] == ["p/lease.json"]
+    assert [info.key for info in storage.list("p/.lease")] == []
+    assert storage.abort_incomplete("") == 0
+    storage.delete("p/lease.json")
+    assert list(storage.list("")) == []
+    assert (tmp_path / "p/.lease.json.put-if.lock").exists()
+    for key in ("p/.lease.json.put-if.lock", ".x.put-if.lock"):
+        with pytest.raises(ValueError, match="reserved"):
+            storage.put(key, [b"x"])
+        with pytest.raises(ValueError, match="reserved"):
+            storage.put_if(key, b"x", expected=None)
+
+
+def test_local_put_if_serializes_across_processes(tmp_path: Path) -> None:
+    """Writers in other processes (not just threads) are serialized too: no lost increment."""
+    storage = LocalStorage("local", tmp_path)
+    storage.put_if("counter", b"0", expected=None)
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from drbot.errors import PreconditionFailed\n"
+        "from drbot.storage.local import LocalStorage\n"
+        "s = LocalStorage('local', Path(sys.argv[1]))\n"
+        "done = 0\n"
+        "while done < 20:\n"
+        "    data, tag = s.read_tagged('counter')\n"
+        "    try:\n"
+        "        s.put_if('counter', str(int(data) + 1).encode(), expected=tag)\n"
+        "    except PreconditionFailed:\n"
+        "        continue\n"
+        "    done += 1\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=root) for _ in range(4)
+    ]
+    assert [proc.wait(timeout=60) for proc in procs] == [0, 0, 0, 0]
+    assert storage.read_tagged("counter")[0] == b"80"
 
 
 # --- S3 specifics --------------------------------------------------------------------------
@@ -638,6 +852,53 @@ def test_s3_object_lock_refuses_to_delete_a_locked_object(aws_env: S3Server) -> 
     with pytest.raises(DrbotError, match="object lock until"):
         storage.delete("locked")
     assert read_all(storage.open("locked")) == b"keep me"
+
+
+def _versions(s3: Any, bucket: str, key: str) -> list[dict[str, Any]]:
+    listing = s3.list_object_versions(Bucket=bucket, Prefix=key)
+    entries: list[dict[str, Any]] = [
+        *listing.get("Versions", []),
+        *listing.get("DeleteMarkers", []),
+    ]
+    return [entry for entry in entries if entry["Key"] == key]
+
+
+@pytest.mark.parametrize("region", REGIONS)
+def test_s3_put_if_is_never_locked_and_leaves_no_old_versions(
+    aws_env: S3Server, region: str
+) -> None:
+    """In an object-locked (so versioned) bucket, put_if objects carry no retention and each
+    conditional replace deletes the version it replaced: one version remains."""
+    bucket = aws_env.make_bucket(region, object_lock=True)
+    s3 = aws_env.client("s3", region)
+    storage = _s3_storage(
+        aws_env, bucket, region, "pre", object_lock=ObjectLock(mode="governance", days=1)
+    )
+    tag = storage.put_if("p/lease.json", b"v0", expected=None)
+    for i in range(1, 6):
+        tag = storage.put_if("p/lease.json", f"v{i}".encode(), expected=tag)
+    head = s3.head_object(Bucket=bucket, Key="pre/p/lease.json")
+    assert head.get("ObjectLockMode") is None
+    versions = _versions(s3, bucket, "pre/p/lease.json")
+    assert [(v["IsLatest"], v["ETag"]) for v in versions] == [(True, tag)]
+    other = _s3_storage(aws_env, bucket, region, "pre")  # another daemon: reads, then replaces
+    _data, seen = other.read_tagged("p/lease.json")
+    other.put_if("p/lease.json", b"taken", expected=seen)
+    assert len(_versions(s3, bucket, "pre/p/lease.json")) == 1
+    storage.delete("p/lease.json")  # every version goes: nothing was locked
+    assert _versions(s3, bucket, "pre/p/lease.json") == []
+
+
+def test_s3_put_if_in_an_unversioned_bucket(aws_env: S3Server) -> None:
+    """Without versioning there is nothing to clean up; conditions hold all the same."""
+    region = REGIONS[0]
+    bucket = aws_env.make_bucket(region)
+    storage = _s3_storage(aws_env, bucket, region)
+    tag = storage.put_if("k", b"a", expected=None)
+    tag = storage.put_if("k", b"b", expected=tag)
+    with pytest.raises(PreconditionFailed):
+        storage.put_if("k", b"c", expected='"0123456789abcdef0123456789abcdef"')
+    assert storage.read_tagged("k") == (b"b", tag)
 
 
 # --- open_storage --------------------------------------------------------------------------

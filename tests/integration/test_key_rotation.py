@@ -85,6 +85,12 @@ class Dying:
     def abort_incomplete(self, prefix: str) -> int:
         return self._inner.abort_incomplete(prefix)
 
+    def read_tagged(self, key: str) -> tuple[bytes, str]:
+        return self._inner.read_tagged(key)
+
+    def put_if(self, key: str, data: bytes, *, expected: str | None) -> str:
+        return self._inner.put_if(key, data, expected=expected)
+
 
 def _file_keys(tmp_path: Path, *names: str) -> list[FileKeyProvider]:
     """A fresh key file for each name, as providers."""
