@@ -46,6 +46,11 @@ class Settings(BaseSettings):
         description="seconds a daemon's lease on a policy lasts unless renewed (renewed every "
         "third of it); another daemon takes over this long after the holder stops renewing",
     )
+    check_interval: float = Field(
+        default=60.0,
+        gt=0,
+        description="seconds between the daemon's checks of each policy's RPO and destinations",
+    )
     alert_webhook: str | None = Field(
         default=None, description="webhook for every policy's alerts (Slack-compatible JSON)"
     )

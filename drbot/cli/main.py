@@ -13,6 +13,7 @@ from drbot import __version__
 from drbot.cli import (
     audit,
     backup,
+    daemon,
     demo,
     drill,
     keys,
@@ -48,6 +49,7 @@ def cli() -> None:
     \b
     Start here:
       drbot demo                            see a whole backup/verify/restore cycle locally
+      drbot daemon                          run every policy: schedules, WAL, drills, /metrics
       drbot policy validate                 check the policies in ./policies
       drbot backup --policy shop            take a full backup now
       drbot wal stream --policy shop        archive WAL continuously (physical policies)
@@ -57,7 +59,20 @@ def cli() -> None:
     """
 
 
-for module in (backup, list_cmd, verify, restore, wal, drill, prune, audit, keys, policy, demo):
+for module in (
+    daemon,
+    backup,
+    list_cmd,
+    verify,
+    restore,
+    wal,
+    drill,
+    prune,
+    audit,
+    keys,
+    policy,
+    demo,
+):
     cli.add_command(module.command)
 
 

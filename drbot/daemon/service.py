@@ -1,0 +1,744 @@
+"""The daemon: every policy's schedules, streamer, lease, checks and alerts, until stopped.
+
+Wiring only. Each job is the drbot command a person would run (`drbot.daemon.jobs`), so what a
+job does is decided there, once. What lives here is when and whether jobs run:
+
+- A policy is acted on only while this daemon holds its lease (`drbot.ops.lease`, in the
+  primary destination). Without it, scheduled runs are skipped and no streamer runs; the
+  daemon keeps trying and takes over when the holder stops renewing.
+- Scheduled jobs (APScheduler): `full` (then `prune` when the backup succeeded), `drill`,
+  `verify`. One run of a job at a time; a fire while it still runs is skipped. A run missed
+  while no daemon held the policy (down, or the lease elsewhere) runs once when the lease is
+  taken, unless the next regular run is close anyway; a full backup that never ran here runs
+  at once, so a new sidecar does not leave a database unprotected until the first cron time.
+- `incremental: continuous` runs a supervised `drbot wal stream`.
+- Every `check_interval`: the newest restorable point (`drbot list --json`: RPO) and whether
+  each destination answers; alerts for RPO over target and a streamer down.
+- SIGTERM: no new runs; running jobs get `grace_period` to finish, then SIGINT (they clean up
+  and exit), then SIGKILL; streamers stop at once (shipping their unfinished segment); leases
+  are released; exit 0. SIGINT (Ctrl-C) does the same without the grace period. SIGHUP
+  reloads policies, keeping the old ones if the new ones are invalid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import structlog
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.base import JobLookupError
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from drbot.audit.trail import FileAuditTrail
+from drbot.clock import Clock, SystemClock
+from drbot.daemon.alerts import AlertBook, Condition, Notifier
+from drbot.daemon.http import HealthServer
+from drbot.daemon.jobs import JobProcess, JobResult, child_env, drbot_command, exit_name
+from drbot.daemon.metrics import DaemonMetrics
+from drbot.daemon.streamer import SupervisedStreamer
+from drbot.errors import DrbotError, PolicyInvalid
+from drbot.ops.lease import Lease
+from drbot.policy import Policy
+from drbot.policy.cron import schedule_trigger
+from drbot.settings import Settings
+from drbot.storage.base import Storage
+
+log = structlog.get_logger(__name__)
+
+STREAMER_DOWN_ALERT_S = 120.0
+"""A streamer not connected this long is alerted on (reconnects take seconds)."""
+CATCH_UP_MARGIN = 0.25
+"""A missed run is caught up unless the next regular run is within this part of a period."""
+
+
+@dataclass
+class PolicyRuntime:
+    """What the daemon keeps per policy."""
+
+    policy: Policy
+    lease: Lease
+    primary: Storage
+    storages: list[Storage]
+    streamer: SupervisedStreamer | None = None
+    running: dict[str, JobProcess] = field(default_factory=dict)
+    guards: dict[str, threading.Lock] = field(default_factory=dict)
+    writer: threading.Lock = field(default_factory=threading.Lock)
+    held: bool = False
+    destinations_ok: dict[str, bool] = field(default_factory=dict)
+    rpo_s: float | None = None
+    next_check: float = 0.0
+    next_lease_tick: float = 0.0
+
+    def guard(self, kind: str) -> threading.Lock:
+        return self.guards.setdefault(kind, threading.Lock())
+
+
+@dataclass(frozen=True)
+class DaemonOptions:
+    """What tests and the demo may tune; defaults are production values."""
+
+    streamer_down_alert_s: float = STREAMER_DOWN_ALERT_S
+
+
+class Daemon:
+    """One daemon process; `run()` blocks until SIGTERM/SIGINT and returns the exit code."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        policies: list[Policy],
+        *,
+        build_storages: Callable[[Policy], list[Storage]],
+        load: Callable[[], list[Policy]],
+        env: Mapping[str, str],
+        clock: Clock | None = None,
+        options: DaemonOptions | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.options = options or DaemonOptions()
+        self._build_storages = build_storages
+        self._load = load
+        # Jobs' own info lines (each WAL segment, each artifact) would drown the daemon's
+        # one summary per job; they log warnings and errors unless debugging.
+        child_level = "debug" if settings.log_level == "debug" else "warning"
+        self._env = child_env(env, policies=settings.policies, log_level=child_level)
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+        self.metrics = DaemonMetrics()
+        self.trail = FileAuditTrail(
+            settings.audit_directory, self.clock, key_path=settings.audit_key
+        )
+        self.state_dir = settings.state_dir / "daemon"
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.alerts = AlertBook(self.clock, state_file=self.state_dir / "alerts.json")
+        self.runtimes: dict[str, PolicyRuntime] = {}
+        self.scheduler = BackgroundScheduler(
+            timezone=UTC,
+            executors={"default": ThreadPoolExecutor(max(8, 4 * len(policies) + 4))},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 300},
+        )
+        self._stop = threading.Event()
+        self._graceful = True
+        self._reload = threading.Event()
+        self._stopping = False
+        self.started_at = self.clock.now()
+        self.http = HealthServer(
+            settings.http, self.metrics.registry, live=self._live, ready=self._ready
+        )
+        for policy in policies:
+            self._add_policy(policy)
+        self.metrics.policies.set(len(self.runtimes))
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def install_signals(self) -> None:
+        """SIGTERM: graceful stop; SIGINT: stop now; SIGHUP: reload (main thread only)."""
+
+        def on_term(signum: int, frame: FrameType | None) -> None:
+            self.request_stop(graceful=True)
+
+        def on_int(signum: int, frame: FrameType | None) -> None:
+            self.request_stop(graceful=False)
+
+        def on_hup(signum: int, frame: FrameType | None) -> None:
+            self._reload.set()
+
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_int)
+        signal.signal(signal.SIGHUP, on_hup)
+
+    def request_stop(self, *, graceful: bool) -> None:
+        if self._stop.is_set():
+            self._graceful = False  # a second signal: stop now
+        self._graceful = self._graceful and graceful
+        self._stop.set()
+
+    def run(self) -> int:
+        self.http.start()
+        self.scheduler.start()
+        self._record(
+            "daemon.started",
+            None,
+            details={
+                "holder": self.holder,
+                "policies": sorted(self.runtimes),
+                "http": self.http.address,
+            },
+        )
+        log.info(
+            "daemon.started",
+            policies=sorted(self.runtimes),
+            http=self.http.address,
+            holder=self.holder,
+        )
+        try:
+            while not self._stop.is_set():
+                if self._reload.is_set():
+                    self._reload.clear()
+                    self.reload()
+                self._tick()
+                self._stop.wait(1.0)
+        finally:
+            self._shutdown()
+        return 0
+
+    def _shutdown(self) -> None:
+        self._stopping = True
+        graceful = self._graceful
+        log.info("daemon.stopping", graceful=graceful, grace_period_s=self.settings.grace_period)
+        deadline = time.monotonic() + (self.settings.grace_period if graceful else 0.0)
+        self.scheduler.shutdown(wait=False)
+        # Streamers never finish by themselves: they stop at once, shipping what they hold.
+        for rt in self.runtimes.values():
+            if rt.streamer is not None:
+                rt.streamer.begin_stop()
+        while (
+            self._running_jobs()
+            and time.monotonic() < deadline
+            and not (graceful and self._graceful is False)
+        ):
+            time.sleep(0.2)
+        for rt in self.runtimes.values():
+            for process in list(rt.running.values()):
+                self._abort(rt, process)
+        for rt in self.runtimes.values():
+            if rt.streamer is not None:
+                rt.streamer.finish_stop()
+        for rt in self.runtimes.values():
+            if rt.held:
+                rt.lease.release()
+                self.metrics.lease_held.labels(rt.policy.name).set(0)
+        self.http.stop()
+        self._record("daemon.stopped", None, details={"graceful": graceful})
+        log.info("daemon.stopped", graceful=graceful)
+
+    def _running_jobs(self) -> list[JobProcess]:
+        return [p for rt in self.runtimes.values() for p in rt.running.values() if p.running()]
+
+    def _abort(self, rt: PolicyRuntime, process: JobProcess) -> None:
+        if not process.running():
+            return
+        log.warning("job.aborting", policy=rt.policy.name, job=process.kind, pid=process.pid)
+        process.interrupt()
+        if process.wait(30.0) is None:
+            log.error("job.killed", policy=rt.policy.name, job=process.kind, pid=process.pid)
+            process.kill()
+
+    # -- policies ----------------------------------------------------------------------------
+
+    def _add_policy(self, policy: Policy) -> None:
+        storages = self._build_storages(policy)
+        rt = PolicyRuntime(
+            policy=policy,
+            lease=Lease(
+                storages[0],
+                policy.name,
+                ttl_s=self.settings.lease_ttl,
+                clock=self.clock,
+                holder=self.holder,
+            ),
+            primary=storages[0],
+            storages=storages,
+        )
+        if policy.schedule.incremental == "continuous":
+            if policy.source.kind == "postgresql" and policy.source.mode == "physical":
+                rt.streamer = SupervisedStreamer(
+                    policy.name,
+                    lambda: self._process(
+                        "wal",
+                        policy.name,
+                        ["wal", "stream"],
+                        extra=["--status-file", str(self._status_file(policy.name))],
+                    ),
+                    self._status_file(policy.name),
+                    on_exit=lambda result: self._streamer_exited(policy.name, result),
+                )
+            else:
+                log.warning(
+                    "daemon.incremental_unsupported",
+                    policy=policy.name,
+                    reason=f"continuous incrementals of {policy.source.kind} are not built yet",
+                )
+        elif policy.schedule.incremental is not None:
+            log.warning(
+                "daemon.incremental_unsupported",
+                policy=policy.name,
+                reason="scheduled (cron) incrementals are not built yet; use 'continuous'",
+            )
+        self.runtimes[policy.name] = rt
+        m = self.metrics
+        m.lease_held.labels(policy.name).set(0)
+        m.streamer_up.labels(policy.name).set(0)
+        if policy.targets.rpo is not None:
+            m.rpo_target.labels(policy.name).set(policy.targets.rpo.total_seconds())
+        if policy.targets.rto is not None:
+            m.rto_target.labels(policy.name).set(policy.targets.rto.total_seconds())
+        self._schedule(rt)
+
+    def _schedule(self, rt: PolicyRuntime) -> None:
+        name = rt.policy.name
+        for kind, expr in self._jobs(rt.policy).items():
+            self.scheduler.add_job(
+                self._run_scheduled,
+                schedule_trigger(expr, start=self.clock.now()),
+                args=(name, kind),
+                id=f"{name}:{kind}",
+                name=f"{kind} of {name}",
+                replace_existing=True,
+            )
+
+    @staticmethod
+    def _jobs(policy: Policy) -> dict[str, str]:
+        jobs = {
+            "full": policy.schedule.full,
+            "drill": policy.schedule.drill,
+            "verify": policy.schedule.verify,
+        }
+        return {kind: expr for kind, expr in jobs.items() if expr is not None}
+
+    def _remove_policy(self, name: str) -> None:
+        rt = self.runtimes.pop(name)
+        for kind in self._jobs(rt.policy):
+            with contextlib.suppress(JobLookupError):
+                self.scheduler.remove_job(f"{name}:{kind}")
+        if rt.streamer is not None:
+            rt.streamer.stop()
+        for process in list(rt.running.values()):
+            self._abort(rt, process)
+        if rt.held:
+            rt.lease.release()
+        self.metrics.forget(name)
+
+    def reload(self) -> None:
+        """Re-read the policies; keep the running ones if any new file is invalid."""
+        try:
+            policies = self._load()
+        except PolicyInvalid as exc:
+            log.error("daemon.reload_refused", problems=exc.message.splitlines())
+            self._record(
+                "daemon.reload_refused", None, outcome="failed", details={"error": exc.message}
+            )
+            return
+        new = {p.name: p for p in policies}
+        for name in list(self.runtimes):
+            old = self.runtimes[name].policy
+            if name not in new or new[name].source_sha256 != old.source_sha256:
+                self._remove_policy(name)
+        for name, policy in new.items():
+            if name not in self.runtimes:
+                self._add_policy(policy)
+        self.metrics.policies.set(len(self.runtimes))
+        log.info("daemon.reloaded", policies=sorted(self.runtimes))
+
+    # -- the loop: leases, streamers, checks -------------------------------------------------
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        for rt in list(self.runtimes.values()):
+            if now >= rt.next_lease_tick:
+                rt.next_lease_tick = now + self.settings.lease_ttl / 4
+                self._tick_lease(rt)
+            if rt.streamer is not None:
+                self._supervise(rt)
+            if now >= rt.next_check and rt.held:
+                rt.next_check = now + self.settings.check_interval
+                threading.Thread(
+                    target=self._check,
+                    args=(rt,),
+                    name=f"drbot-check-{rt.policy.name}",
+                    daemon=True,
+                ).start()
+
+    def _tick_lease(self, rt: PolicyRuntime) -> None:
+        state = rt.lease.tick()
+        held = state.held and rt.lease.valid()
+        if held == rt.held:
+            return
+        rt.held = held
+        name = rt.policy.name
+        self.metrics.lease_held.labels(name).set(1 if held else 0)
+        if held:
+            self._record("lease.acquired", name, details={"holder": self.holder})
+            self._catch_up(rt)
+        else:
+            self._record("lease.lost", name, outcome="failed", details={"holder": state.holder})
+            # Another daemon may act for this policy now: stop everything of ours at once.
+            if rt.streamer is not None:
+                rt.streamer.stop()
+            for process in list(rt.running.values()):
+                self._abort(rt, process)
+
+    def _supervise(self, rt: PolicyRuntime) -> None:
+        assert rt.streamer is not None
+        streamer = rt.streamer
+        before = streamer.restarts
+        streamer.poll(enabled=rt.held and not self._stopping)
+        name = rt.policy.name
+        if streamer.restarts > before:
+            self.metrics.streamer_restarts.labels(name).inc()
+        connected = streamer.connected()
+        self.metrics.streamer_up.labels(name).set(1 if connected else 0)
+        status = streamer.status()
+        if status is not None:
+            at = status.get("archived_at")
+            if at:
+                lag = (self.clock.now() - datetime.fromisoformat(at)).total_seconds()
+                self.metrics.streamer_lag.labels(name).set(max(0.0, lag))
+            self.metrics.streamer_lag_bytes.labels(name).set(int(status.get("lag_bytes", 0)))
+        if rt.held:
+            down = streamer.down_for()
+            self._alert(
+                rt,
+                "streamer_down",
+                failing=down >= self.options.streamer_down_alert_s,
+                summary=f"{name}: WAL streamer not connected for {down:.0f}s"
+                if down
+                else f"{name}: WAL streamer connected again",
+                details={"down_s": round(down, 1), "restarts": streamer.restarts},
+            )
+
+    def _streamer_exited(self, name: str, result: JobResult) -> None:
+        if not self._stopping:
+            self.metrics.failures.labels(name, "wal", result.outcome).inc()
+
+    def _check(self, rt: PolicyRuntime) -> None:
+        """The RPO (newest restorable point) and whether each destination answers."""
+        name = rt.policy.name
+        for storage in rt.storages:
+            ok = True
+            try:
+                next(iter(storage.list(f"{name}/backups/")), None)
+            except DrbotError as exc:
+                ok = False
+                log.warning(
+                    "destination.unreachable",
+                    policy=name,
+                    destination=storage.name,
+                    error=exc.message,
+                )
+            rt.destinations_ok[storage.name] = ok
+            self.metrics.destination_up.labels(name, storage.name).set(1 if ok else 0)
+        result = self._process("list", name, ["list"], json_out=True).start().wait()
+        if result is None or not result.ok or not isinstance(result.output, list):
+            return
+        newest = newest_restore_point(result.output)
+        now = self.clock.now()
+        rt.rpo_s = (now - newest).total_seconds() if newest else None
+        target = rt.policy.targets.rpo
+        if rt.rpo_s is not None:
+            self.metrics.rpo.labels(name).set(max(0.0, rt.rpo_s))
+        # While a full backup runs, the RPO is about to change: judge it afterwards (a new
+        # daemon would otherwise alert at once, while its first backup is under way).
+        if target is not None and "full" not in rt.running:
+            over = rt.rpo_s is None or rt.rpo_s > target.total_seconds()
+            state = (
+                "there is no restorable backup"
+                if rt.rpo_s is None
+                else f"the newest restorable point is {rt.rpo_s:.0f}s old"
+            )
+            self._alert(
+                rt,
+                "rpo",
+                failing=over,
+                summary=f"{name}: {state}, over the RPO target of {target.total_seconds():.0f}s"
+                if over
+                else f"{name}: RPO back within target ({state})",
+                details={"rpo_s": rt.rpo_s, "target_s": target.total_seconds()},
+            )
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    def _status_file(self, policy: str) -> Path:
+        return self.state_dir / f"{policy}.wal-status.json"
+
+    def _process(
+        self,
+        kind: str,
+        policy: str,
+        command: list[str],
+        *,
+        extra: list[str] | None = None,
+        json_out: bool = False,
+    ) -> JobProcess:
+        args = [*command, "--policy", policy, *(extra or []), *(["--json"] if json_out else [])]
+        return JobProcess(kind, policy, drbot_command(args), self.clock, env=self._env)
+
+    def _run_scheduled(self, name: str, kind: str) -> None:
+        rt = self.runtimes.get(name)
+        if rt is None or self._stopping:
+            return
+        if not (rt.held and rt.lease.valid()):
+            self.metrics.skipped.labels(name, kind, "lease_not_held").inc()
+            log.info("job.skipped", policy=name, job=kind, reason="lease not held")
+            return
+        guard = rt.guard(kind)
+        if not guard.acquire(blocking=False):
+            self.metrics.skipped.labels(name, kind, "still_running").inc()
+            log.warning("job.skipped", policy=name, job=kind, reason="previous run still running")
+            return
+        try:
+            self._note_run(name, kind)
+            if kind == "full":
+                with rt.writer:
+                    result = self._run(rt, "full", ["backup"])
+                    if result.ok:
+                        rt.next_check = 0.0  # the RPO just changed: measure it now
+                    if result.ok and not self._stopping:
+                        self._run(rt, "prune", ["prune"], extra=["--yes"])
+            elif kind == "drill":
+                self._run(rt, "drill", ["drill"])
+            elif kind == "verify":
+                sample = str(rt.policy.schedule.verify_sample)
+                self._run(rt, "verify", ["verify"], extra=["--sample", sample])
+        finally:
+            guard.release()
+
+    def _run(
+        self, rt: PolicyRuntime, kind: str, command: list[str], *, extra: list[str] | None = None
+    ) -> JobResult:
+        name = rt.policy.name
+        process = self._process(kind, name, command, extra=extra, json_out=True)
+        self.metrics.running.labels(name, kind).set(1)
+        rt.running[kind] = process
+        try:
+            result = process.start().wait()
+            assert result is not None
+        finally:
+            rt.running.pop(kind, None)
+            self.metrics.running.labels(name, kind).set(0)
+        self._account(rt, result)
+        return result
+
+    def _account(self, rt: PolicyRuntime, result: JobResult) -> None:
+        """Metrics, the job's summary line, and alerts for one finished run."""
+        name, kind, m = rt.policy.name, result.kind, self.metrics
+        m.runs.labels(name, kind, result.outcome).inc()
+        m.last_duration.labels(name, kind).set(result.duration_s)
+        out = result.output if isinstance(result.output, dict) else {}
+        summary: dict[str, Any] = {
+            "policy": name,
+            "job": kind,
+            "outcome": result.outcome,
+            "exit_code": result.exit_code,
+            "duration_s": round(result.duration_s, 2),
+        }
+        if result.ok or (kind == "full" and result.exit_code == 3):
+            m.last_success.labels(name, kind).set(self.clock.now().timestamp())
+        if kind == "full" and out:
+            stored = out.get("stored_bytes") or {}
+            summary.update(
+                backup_id=out.get("id"),
+                source_bytes=out.get("size_bytes"),
+                stored_bytes=max(stored.values(), default=0),
+            )
+            m.backup_source_bytes.labels(name).set(out.get("size_bytes") or 0)
+            m.backup_bytes.labels(name).set(max(stored.values(), default=0))
+        if kind == "drill" and out:
+            passed = bool(out.get("passed"))
+            summary.update(passed=passed, rto_s=out.get("rto_s"), rpo_s=out.get("rpo_s"))
+            m.drill_passed.labels(name).set(1 if passed else 0)
+            m.drill_time.labels(name).set(self.clock.now().timestamp())
+            if out.get("rto_s") is not None:
+                m.drill_rto.labels(name).set(out["rto_s"])
+            if out.get("rpo_s") is not None:
+                m.drill_rpo.labels(name).set(out["rpo_s"])
+        if kind == "prune" and out:
+            summary.update(
+                deleted=len(out.get("deleted") or [])
+                if isinstance(out.get("deleted"), list)
+                else out.get("deleted")
+            )
+        if kind == "verify" and out:
+            summary.update(
+                checked_objects=out.get("checked_objects"),
+                problems=len(out.get("problems") or []),
+            )
+        interrupted = result.exit_code in (130, -2, -15)
+        if interrupted and (self._stopping or not rt.held):
+            # Stopped by us (shutdown, lease lost): neither a failure nor a recovery.
+            log.warning("job.interrupted", **summary)
+            return
+        if result.ok:
+            log.info("job.completed", **summary)
+        else:
+            m.failures.labels(name, kind, result.outcome).inc()
+            log.error("job.failed", error=result.error, **summary)
+        condition = "drill_failed" if kind == "drill" else f"job_failed:{kind}"
+        what = {"full": "full backup", "prune": "retention (prune)"}.get(kind, kind)
+        self._alert(
+            rt,
+            condition,
+            failing=not result.ok,
+            summary=f"{name}: {what} failed (exit {result.exit_code}, "
+            f"{exit_name(result.exit_code)}): {result.error or 'see the daemon log'}"
+            if not result.ok
+            else f"{name}: {what} succeeded again",
+            details=summary,
+        )
+
+    # -- missed runs -------------------------------------------------------------------------
+
+    def _runs_file(self, name: str) -> Path:
+        return self.state_dir / f"{name}.runs.json"
+
+    def _read_runs(self, name: str) -> dict[str, str]:
+        try:
+            data = json.loads(self._runs_file(name).read_text())
+            return {str(k): str(v) for k, v in data.items()}
+        except (OSError, ValueError, AttributeError):
+            return {}
+
+    def _note_run(self, name: str, kind: str) -> None:
+        runs = self._read_runs(name)
+        runs[kind] = self.clock.now().isoformat()
+        path = self._runs_file(name)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(runs, indent=1, sort_keys=True))
+        tmp.replace(path)
+
+    def _catch_up(self, rt: PolicyRuntime) -> None:
+        """Run once, now, what was missed while this daemon did not act for the policy."""
+        runs = self._read_runs(rt.policy.name)
+        now = self.clock.now()
+        for kind, expr in self._jobs(rt.policy).items():
+            last = runs.get(kind)
+            if missed_run(expr, datetime.fromisoformat(last) if last else None, now, kind=kind):
+                log.info("job.catch_up", policy=rt.policy.name, job=kind, last_run=last)
+                self.scheduler.add_job(
+                    self._run_scheduled,
+                    args=(rt.policy.name, kind),
+                    id=f"{rt.policy.name}:{kind}:catch-up",
+                    replace_existing=True,
+                )
+
+    # -- alerts, audit, probes ---------------------------------------------------------------
+
+    def _alert(
+        self,
+        rt: PolicyRuntime,
+        kind: str,
+        *,
+        failing: bool,
+        summary: str,
+        details: dict[str, Any],
+    ) -> None:
+        condition = Condition(rt.policy.name, kind)
+        alert = self.alerts.observe(
+            condition,
+            failing,
+            summary=summary,
+            details=details,
+            interval=rt.policy.alerts.interval,
+        )
+        if alert is None:
+            return
+        notifier = Notifier(rt.policy.alerts, self.settings)
+        if notifier.send(alert):
+            self.alerts.sent(alert)
+            self.metrics.alerts.labels(rt.policy.name, kind, alert.state).inc()
+
+    def _record(
+        self,
+        action: str,
+        policy: str | None,
+        *,
+        outcome: str = "ok",
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        try:
+            self.trail.record(
+                action,
+                policy=policy,
+                subject={"host": socket.gethostname(), "pid": os.getpid()},
+                outcome=outcome,
+                details=details or {},
+            )
+        except DrbotError as exc:
+            log.error("audit.record_failed", action=action, error=exc.message)
+
+    def _live(self) -> tuple[bool, dict[str, Any]]:
+        alive = self.scheduler.running or self._stopping
+        return alive, {"uptime_s": round((self.clock.now() - self.started_at).total_seconds())}
+
+    def _ready(self) -> tuple[bool, dict[str, Any]]:
+        problems: list[str] = []
+        policies: dict[str, Any] = {}
+        for name, rt in sorted(self.runtimes.items()):
+            down = [d for d, ok in rt.destinations_ok.items() if not ok]
+            problems += [f"{name}: destination {d} unreachable" for d in down]
+            streaming = None
+            if rt.streamer is not None and rt.held:
+                streaming = rt.streamer.connected()
+                if not streaming:
+                    problems.append(f"{name}: WAL streamer not connected")
+            policies[name] = {
+                "lease": "held" if rt.held else "waiting",
+                "destinations": rt.destinations_ok,
+                "streamer_connected": streaming,
+                "rpo_s": None if rt.rpo_s is None else round(rt.rpo_s, 1),
+                "running": sorted(rt.running),
+            }
+        if not self.runtimes:
+            problems.append("no policies loaded")
+        if self._stopping:
+            problems.append("stopping")
+        return not problems, {"problems": problems, "policies": policies}
+
+
+def newest_restore_point(rows: list[Any]) -> datetime | None:
+    """The newest moment any listed backup can be restored to (`drbot list --json` rows):
+    the end of its WAL window for physical backups, its start for logical dumps (a dump is
+    consistent as of the moment it began)."""
+    newest: datetime | None = None
+    for row in rows:
+        if not isinstance(row, dict):
+            continue
+        window = row.get("restorable") or {}
+        text = window.get("to_time") or (
+            row.get("completed_at") if row.get("mode") == "physical" else row.get("started_at")
+        )
+        if not text:
+            continue
+        point = datetime.fromisoformat(str(text))
+        newest = point if newest is None or point > newest else newest
+    return newest
+
+
+def missed_run(expr: str, last: datetime | None, now: datetime, *, kind: str) -> bool:
+    """Whether a job on schedule `expr`, last run at `last`, should run once now (pure).
+
+    Never run: only a full backup is taken at once (a new sidecar should not leave a database
+    unprotected until the first cron time); drills and verifies wait for their schedule.
+    Otherwise a run is due if the schedule fired since `last`, unless the next regular run
+    comes within CATCH_UP_MARGIN of a period anyway (it will do the same work).
+    """
+    if last is None:
+        return kind == "full"
+    trigger = schedule_trigger(expr, start=last)
+
+    def next_after(moment: datetime) -> datetime | None:
+        # previous_fire_time=None: the first fire at or after `moment`, for cron and interval.
+        fire: datetime | None = trigger.get_next_fire_time(None, moment)
+        return fire
+
+    due = next_after(last + timedelta(microseconds=1))
+    if due is None or due > now:
+        return False
+    upcoming = next_after(now)
+    after = next_after(due + timedelta(microseconds=1))
+    if upcoming is None or after is None:
+        return True
+    period = (after - due).total_seconds()
+    return (upcoming - now).total_seconds() > CATCH_UP_MARGIN * period
