@@ -683,8 +683,11 @@ class Daemon:
                 streaming = rt.streamer.connected()
                 if not streaming:
                     problems.append(f"{name}: WAL streamer not connected")
+            if rt.lease.last_error is not None:
+                problems.append(f"{name}: lease unreachable: {rt.lease.last_error}")
             policies[name] = {
                 "lease": "held" if rt.held else "waiting",
+                "lease_error": rt.lease.last_error,
                 "destinations": rt.destinations_ok,
                 "streamer_connected": streaming,
                 "rpo_s": None if rt.rpo_s is None else round(rt.rpo_s, 1),

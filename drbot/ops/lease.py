@@ -171,6 +171,8 @@ class Lease:
         self._held = False
         self._valid_until: float | None = None
         """Monotonic deadline for acting; one attribute, so `valid` reads it atomically."""
+        self.last_error: str | None = None
+        """Why the last tick could not reach the lease object (None if it could)."""
         self._acquired_at: datetime | None = None
         self._watch: tuple[str, float] | None = None
         """(tag, monotonic time first seen) of the version another holder last wrote."""
@@ -201,8 +203,13 @@ class Lease:
                 log.warning(
                     "lease.renew_failed", policy=self.policy, holder=self.holder, error=str(exc)
                 )
-            else:
-                log.debug("lease.waiting", policy=self.policy, holder=self.holder, error=str(exc))
+            elif str(exc) != self.last_error:
+                # A daemon that cannot reach the lease does nothing for the policy: say so
+                # (once per distinct error, not every tick).
+                log.warning(
+                    "lease.unreachable", policy=self.policy, holder=self.holder, error=str(exc)
+                )
+        self.last_error = None if failure is None else str(failure)
         if self._held and not self.valid():
             # No write began within 2/3 of the TTL (storage down, or ticks too far apart).
             self._lose(f"storage unreachable: {failure}" if failure else "not renewed in time")

@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.error import URLError
@@ -254,3 +255,185 @@ def test_daemon_backs_up_streams_prunes_drills_and_stops_cleanly_mid_backup(
     assert actions[-1] == "daemon.stopped" or "daemon.stopped" in actions[-5:]
     failed = [ev for ev in events if ev["action"] == "backup.failed"]
     assert failed and failed[-1]["details"]["exit_code"] == 130
+
+
+LOGICAL_POLICY = """\
+version: 1
+name: {name}
+source:
+  kind: postgresql
+  mode: logical
+  uri: ${{SHOP_DB_URI}}
+  databases: [{database}]
+schedule:
+  full: "@every 3s"
+  verify: null
+encryption:
+  key: file:${{DRBOT_KEY_DIR}}/shop.key
+destinations:
+  - name: primary
+    url: {url1}
+    {region1}
+  - name: replica
+    url: {url2}
+    {region2}
+alerts:
+  webhook: {webhook}
+  interval: 1h
+"""
+
+
+def _logical(e2e: Env, name: str, *, local: bool, webhook: str = "null") -> str:
+    if local:
+        urls = [f"file://{e2e.tmp}/dest/{name}-{i}" for i in (1, 2)]
+        for url in urls:
+            Path(url.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+        regions = ["", ""]
+    else:
+        urls = [f"s3://{bucket}/{name}" for bucket in e2e.buckets]
+        regions = ["region: us-east-1", "region: eu-west-1"]
+    return LOGICAL_POLICY.format(
+        name=name,
+        database=e2e.database,
+        url1=urls[0],
+        url2=urls[1],
+        region1=regions[0],
+        region2=regions[1],
+        webhook=webhook,
+    )
+
+
+def _drbot_children(marker: str) -> list[int]:
+    """Pids of `python -m drbot ...` processes whose environment mentions `marker`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            environ = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if b"-m\x00drbot" in cmdline and marker.encode() in environ:
+            found.append(int(proc.name))
+    return found
+
+
+def test_two_daemons_on_one_policy_only_one_acts_and_the_other_takes_over(e2e: Env) -> None:
+    (Path(e2e.env["DRBOT_POLICIES"]) / "shop.yaml").write_text(_logical(e2e, "shop", local=False))
+    a = Daemon(e2e, name="a", DRBOT_STATE_DIR=str(e2e.tmp / "a"), DRBOT_LEASE_TTL="3")
+    b = Daemon(e2e, name="b", DRBOT_STATE_DIR=str(e2e.tmp / "b"), DRBOT_LEASE_TTL="3")
+    try:
+        runs = ("drbot_job_runs_total",)
+
+        def backups(d: Daemon) -> float:
+            return d.value(*runs, policy="shop", job="full", outcome="ok")
+
+        a.wait_for("a holder", lambda: a.value("drbot_lease_held", policy="shop") == 1
+                   or b.value("drbot_lease_held", policy="shop") == 1, 30)  # fmt: skip
+        holder, waiter = (a, b) if a.value("drbot_lease_held", policy="shop") == 1 else (b, a)
+        holder.wait_for("two backups by the holder", lambda: backups(holder) >= 2, 60)
+        assert waiter.value("drbot_lease_held", policy="shop") == 0
+        assert backups(waiter) == 0
+        assert waiter.value("drbot_job_skipped_total", policy="shop", job="full",
+                            reason="lease_not_held") >= 1  # fmt: skip
+        ready = json.loads(waiter.get("/readyz")[1])
+        assert ready["policies"]["shop"]["lease"] == "waiting"
+
+        # The holder dies without a word (SIGKILL): its jobs die with it, the waiter takes over
+        # within the lease time (3 s) plus one tick.
+        marker = holder.env["DRBOT_STATE_DIR"]
+        holder.stop(signal.SIGKILL)
+        killed_at = time.monotonic()
+        waiter.wait_for("the takeover", lambda: waiter.value("drbot_lease_held", policy="shop")
+                        == 1, 15)  # fmt: skip
+        assert time.monotonic() - killed_at < 3 + 3 / 4 + 2.5
+        waiter.wait_for("backups by the new holder", lambda: backups(waiter) >= 1, 30)
+        deadline = time.monotonic() + 10
+        while _drbot_children(marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _drbot_children(marker), "jobs of a killed daemon must not outlive it"
+        assert waiter.stop(signal.SIGTERM) == 0
+    finally:
+        a.stop(signal.SIGKILL)
+        b.stop(signal.SIGKILL)
+    verified = e2e.run("verify", "--policy", "shop")
+    assert verified.returncode == 0, verified.stderr
+
+
+class _Webhook:
+    """A webhook receiver on 127.0.0.1 that keeps every JSON body it is sent."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        received = self.bodies
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                received.append(json.loads(self.rfile.read(length)))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/T0K3N"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def states(self) -> list[tuple[str, str]]:
+        return [(b["drbot"]["kind"], b["drbot"]["state"]) for b in self.bodies]
+
+
+def test_a_failing_job_alerts_once_and_once_more_on_recovery_and_sighup_reloads(
+    e2e: Env,
+) -> None:
+    hook = _Webhook()
+    policies = Path(e2e.env["DRBOT_POLICIES"])
+    (policies / "shop.yaml").write_text(_logical(e2e, "shop", local=True, webhook=hook.url))
+    # The database disappears: every backup fails (exit 14) until it is back.
+    e2e.pg.execute("postgres", f'alter database "{e2e.database}" rename to "{e2e.database}_away"')
+    daemon = Daemon(e2e, name="alerts", DRBOT_LEASE_TTL="3")
+    try:
+        fails = ("drbot_job_failures_total",)
+        daemon.wait_for(
+            "three failed backups",
+            lambda: (
+                daemon.value(*fails, policy="shop", job="full", reason="database_unreachable") >= 3
+            ),
+            60,
+        )
+        assert hook.states() == [("job_failed:full", "firing")]
+        body = hook.bodies[0]
+        assert "shop" in body["text"] and "full backup failed" in body["text"]
+        e2e.pg.execute(
+            "postgres", f'alter database "{e2e.database}_away" rename to "{e2e.database}"'
+        )
+        daemon.wait_for(
+            "a backup again",
+            lambda: (
+                daemon.value("drbot_job_runs_total", policy="shop", job="full", outcome="ok") >= 2
+            ),
+            60,
+        )
+        assert hook.states() == [("job_failed:full", "firing"), ("job_failed:full", "resolved")]
+        assert "T0K3N" not in daemon.output(), "the webhook URL holds a secret: never logged"
+
+        # SIGHUP: a new policy is picked up; an invalid file is refused and the old set kept.
+        (policies / "second.yaml").write_text(_logical(e2e, "second", local=True))
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_for("two policies", lambda: daemon.value("drbot_policies") == 2, 20)
+        (policies / "broken.yaml").write_text("version: 1\nname: broken\n")
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_for(
+            "the reload refused",
+            lambda: any(e.get("event") == "daemon.reload_refused" for e in daemon.events()),
+            20,
+        )
+        assert daemon.value("drbot_policies") == 2
+        assert daemon.get("/healthz")[0] == 200
+        assert daemon.stop(signal.SIGTERM) == 0
+    finally:
+        daemon.stop(signal.SIGKILL)
+        hook.server.shutdown()

@@ -485,3 +485,16 @@ def test_lease_key_and_ttl_checks() -> None:
     assert layout.lease_key("shop") == "shop/lease.json"
     with pytest.raises(ValueError, match="ttl"):
         Lease(MemoryStorage("m"), POLICY, ttl_s=0, clock=FakeClock())
+
+
+def test_an_unreachable_lease_is_reported_not_silent() -> None:
+    """A waiter that cannot read the lease says why (`last_error`), and forgets it once the
+    storage answers again."""
+    storage = FailingWrites("primary")
+    lease = Lease(storage, "shop", ttl_s=30, clock=FakeClock())
+    storage.failing = True
+    assert not lease.tick().held
+    assert lease.last_error is not None and "simulated" in lease.last_error
+    storage.failing = False
+    assert lease.tick().held
+    assert lease.last_error is None
