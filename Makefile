@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both set everything up first.
-.PHONY: demo test check lint typecheck unit contract integration e2e bench lock bootstrap images clean
+.PHONY: demo test check lint typecheck unit contract integration e2e bench lock bootstrap images image clean
 
 VENV := .venv/bin
 PYTEST_ARGS ?=
@@ -13,6 +13,10 @@ demo: bootstrap
 # The Docker engine (started if none answers) and the local stand-ins for the drill images.
 images:
 	./scripts/images.sh
+
+# drbot's own container image (drbot:dev), built with no network on a local Debian base.
+image: bootstrap
+	./scripts/image.sh
 
 test: bootstrap images check
 	$(VENV)/pytest $(PYTEST_ARGS)
