@@ -74,19 +74,42 @@ def _step(n: int, text: str) -> None:
     show_default=True,
     help="Where the demo keeps its key, policy and the two destinations.",
 )
-def command(workdir: Path) -> None:
-    """Back up a throwaway PostgreSQL to two local destinations, verify, restore and compare.
+@click.option(
+    "--tour",
+    is_flag=True,
+    help="Instead of the daemon: one backup, verify, restore, drill and audit check, in order "
+    "(a few seconds), then stop.",
+)
+@click.option(
+    "--stop-after",
+    type=click.FloatRange(min=1),
+    default=None,
+    help="Stop the daemon demo after this many seconds [default: run until Ctrl-C].",
+)
+def command(workdir: Path, tour: bool, stop_after: float | None) -> None:
+    """Run the daemon on a throwaway PostgreSQL under a steady write load, until Ctrl-C.
 
     Starts a private PostgreSQL server (from the machine's PostgreSQL binaries) with a sample
-    shop database, generates a key, takes an encrypted backup into two local-directory
-    destinations, verifies every object, restores into a second database and compares the data
-    table by table. The server is stopped at the end; the key, policy and destinations stay in
-    --dir so you can look at them (and run `drbot list` on them). Rerunning starts afresh.
+    shop database and a writer adding rows every half second, generates a key, writes a
+    policy with one-minute schedules and two local-directory destinations (standing for two
+    regions), and runs `drbot daemon` on it. Within about three minutes you see a full backup,
+    WAL streaming, a retention pass and a passing drill; the metrics URL and commands to look
+    around are printed at the start. Ctrl-C stops everything cleanly. The key, policy,
+    destinations and audit trail stay in --dir. Rerunning starts afresh.
+
+    With --tour: one encrypted backup into both destinations, verify, restore into a second
+    database and compare table by table, a drill and an audit check, then stop.
 
     \b
-    Example:
-      drbot demo --dir /tmp/drbot-demo
+    Examples:
+      drbot demo                         the daemon, until Ctrl-C
+      drbot demo --tour --dir /tmp/drbot-demo
     """
+    if not tour:
+        from drbot.cli.demo_daemon import run_daemon_demo
+
+        run_daemon_demo(workdir.resolve(), stop_after)
+        return
     from drbot.engines.postgres.localserver import LocalPostgres
 
     load_settings(None)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -37,6 +38,7 @@ from types import FrameType
 from typing import Any
 
 import structlog
+from apscheduler.events import EVENT_JOB_MISSED, JobExecutionEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -127,9 +129,15 @@ class Daemon:
         self.scheduler = BackgroundScheduler(
             timezone=UTC,
             executors={"default": ThreadPoolExecutor(max(8, 4 * len(policies) + 4))},
-            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 300},
+            # Overlaps are decided (and counted) by the daemon's own per-job guard, so
+            # APScheduler may start a second instance that then skips.
+            job_defaults={"coalesce": True, "max_instances": 3, "misfire_grace_time": 300},
         )
+        self.scheduler.add_listener(self._on_missed, EVENT_JOB_MISSED)
+        # APScheduler's own lines are plain text; what matters is logged here, structured.
+        logging.getLogger("apscheduler").setLevel(logging.ERROR)
         self._stop = threading.Event()
+        self._runs_lock = threading.Lock()
         self._graceful = True
         self._reload = threading.Event()
         self._stopping = False
@@ -475,7 +483,27 @@ class Daemon:
         args = [*command, "--policy", policy, *(extra or []), *(["--json"] if json_out else [])]
         return JobProcess(kind, policy, drbot_command(args), self.clock, env=self._env)
 
+    def _on_missed(self, event: JobExecutionEvent) -> None:
+        name, _, kind = str(event.job_id).partition(":")
+        self.metrics.skipped.labels(name, kind.split(":")[0], "missed").inc()
+        log.warning("job.missed", policy=name, job=kind, scheduled_at=event.scheduled_run_time)
+
     def _run_scheduled(self, name: str, kind: str) -> None:
+        try:
+            self._run_scheduled_job(name, kind)
+        except Exception as exc:  # a bug here must not silence the schedule: log and alert
+            log.exception("job.crashed", policy=name, job=kind)
+            rt = self.runtimes.get(name)
+            if rt is not None:
+                self._alert(
+                    rt,
+                    f"job_failed:{kind}",
+                    failing=True,
+                    summary=f"{name}: {kind} could not be run: {exc.__class__.__name__}: {exc}",
+                    details={"job": kind},
+                )
+
+    def _run_scheduled_job(self, name: str, kind: str) -> None:
         rt = self.runtimes.get(name)
         if rt is None or self._stopping:
             return
@@ -601,12 +629,18 @@ class Daemon:
             return {}
 
     def _note_run(self, name: str, kind: str) -> None:
-        runs = self._read_runs(name)
-        runs[kind] = self.clock.now().isoformat()
-        path = self._runs_file(name)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(runs, indent=1, sort_keys=True))
-        tmp.replace(path)
+        # Jobs of one policy start from several threads at once: one writer at a time.
+        with self._runs_lock:
+            runs = self._read_runs(name)
+            runs[kind] = self.clock.now().isoformat()
+            path = self._runs_file(name)
+            tmp = path.with_suffix(".tmp")
+            try:
+                tmp.write_text(json.dumps(runs, indent=1, sort_keys=True))
+                tmp.replace(path)
+            except OSError as exc:
+                # Only catch-up after a restart depends on it: run the job regardless.
+                log.warning("daemon.state_unwritable", path=str(path), error=str(exc))
 
     def _catch_up(self, rt: PolicyRuntime) -> None:
         """Run once, now, what was missed while this daemon did not act for the policy."""
