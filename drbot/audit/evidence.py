@@ -88,6 +88,7 @@ def build_evidence(
             "rto_s": None if facts.rto is None else facts.rto.total_seconds(),
         }
     out["key_events"] = [_brief(e) for e in in_period if e.action.startswith("key.")]
+    out["daemon_events"] = [_brief(e) for e in in_period if e.action.startswith("daemon.")]
     return out
 
 
@@ -147,6 +148,8 @@ def _policy_evidence(
         "verifications": [_brief(e) for e in events if e.action.startswith("verify.")],
         "failures": [_brief(e) for e in failed],
         "policy_changes": [_brief(e) for e in events if e.action.startswith("policy.")],
+        # Which daemon acted for the policy, and when that changed hands.
+        "leases": [_brief(e) for e in events if e.action.startswith("lease.")],
         "controls": _controls(facts, completed, backups, restores, since, until),
     }
 

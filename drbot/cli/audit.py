@@ -414,10 +414,11 @@ def _verify_export(path: Path, public_key: Path | None) -> tuple[TrailReport, st
                         "not what the chain's events give (verdicts or records edited)",
                     )
                 )
-        if json.loads(json.dumps(again["key_events"])) != doc.get("key_events"):
-            report.problems.append(
-                TrailProblem(0, None, "evidence-edited", "key events differ from the chain")
-            )
+        for section in ("key_events", "daemon_events"):
+            if json.loads(json.dumps(again[section])) != doc.get(section):
+                report.problems.append(
+                    TrailProblem(0, None, "evidence-edited", f"{section} differ from the chain")
+                )
     return report, f"{path} (export)"
 
 

@@ -129,3 +129,23 @@ def test_drills_are_listed_and_a_passing_drill_within_the_rto_tests_restores() -
     slow_only = _event(4, "drill.completed", details={"rto_s": 4000.0, "checks": checks})
     doc = build_evidence([slow_only], since=SINCE, until=UNTIL, policies=[facts])
     assert doc["policies"]["shop"]["controls"]["restore_tested"]["status"] == "not met"
+
+
+def test_lease_and_daemon_events_are_part_of_the_evidence() -> None:
+    """Who acted for a policy (lease changes) and daemon starts/stops are exported as recorded."""
+    taken = _event(1, "lease.acquired", subject={"host": "db1"}, details={"holder": "db1:7:aa"})
+    lost = _event(2, "lease.lost", outcome="failed", details={"holder": "db2:9:bb"})
+    started = _event(1, "daemon.started", details={"policies": ["shop"]})
+    doc = build_evidence(
+        [started, taken, lost, _event(9, "lease.acquired")],
+        since=SINCE,
+        until=UNTIL,
+        policies=[PolicyFacts("shop")],
+    )
+    leases = doc["policies"]["shop"]["leases"]
+    assert [(e["action"], e["outcome"]) for e in leases] == [
+        ("lease.acquired", "ok"),
+        ("lease.lost", "failed"),
+    ]
+    assert [e["action"] for e in doc["daemon_events"]] == ["daemon.started"]
+    assert lost.seq in [e["seq"] for e in doc["policies"]["shop"]["failures"]]
