@@ -53,7 +53,7 @@ def _versions(s3: Any, bucket: str, key: str) -> list[dict[str, Any]]:
     return [entry for entry in entries if entry["Key"] == key]
 
 
-@pytest.mark.parametrize("region", REGIONS)
+@pytest.mark.parametrize("region", REGIONS[:1])  # the protocol is the same in every region
 def test_two_daemons_never_act_at_once_and_the_waiter_takes_over(
     aws_env: S3Server, region: str
 ) -> None:
