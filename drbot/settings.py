@@ -44,7 +44,7 @@ class Settings(BaseSettings):
         default=60.0,
         ge=3,
         description="seconds a daemon's lease on a policy lasts unless renewed (renewed every "
-        "third of it); another daemon takes over this long after the holder stops renewing",
+        "quarter of it); another daemon takes over this long after the holder stops renewing",
     )
     check_interval: float = Field(
         default=60.0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from types import FrameType
@@ -26,6 +27,7 @@ from drbot.cli import (
 )
 from drbot.errors import DrbotError
 from drbot.log import redact_text
+from drbot.procs import DIE_WITH_ENV, die_with
 
 log = structlog.get_logger(__name__)
 
@@ -85,6 +87,9 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI and exit with drbot's documented exit codes."""
     signal.signal(signal.SIGTERM, _terminate)
+    parent = os.environ.pop(DIE_WITH_ENV, None)  # popped: not for grandchildren (postgres)
+    if parent is not None and parent.isdigit() and not die_with(int(parent)):
+        sys.exit(EXIT_INTERRUPTED)
     try:
         rc = cli.main(args=argv, prog_name="drbot", standalone_mode=False)
     except DrbotError as exc:

@@ -13,8 +13,6 @@ A child's stderr carries its JSON log lines, passed through unchanged, and its `
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import json
 import os
 import signal
@@ -31,6 +29,7 @@ from typing import IO, Any
 import structlog
 
 from drbot.clock import Clock
+from drbot.procs import DIE_WITH_ENV
 
 log = structlog.get_logger(__name__)
 
@@ -117,7 +116,6 @@ class JobProcess:
             stderr=subprocess.PIPE,
             env=dict(self.env) if self.env is not None else None,
             start_new_session=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, async-signal-safe
         )
         assert self._proc.stdout is not None
         assert self._proc.stderr is not None
@@ -133,6 +131,10 @@ class JobProcess:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
+
+    def age_s(self) -> float:
+        """Seconds since the child was started (0 before)."""
+        return time.monotonic() - self._t0 if self._proc is not None else 0.0
 
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
@@ -202,29 +204,6 @@ class JobProcess:
                 self.on_line(line)
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM if the daemon dies (even by SIGKILL), so no
-    orphaned streamer keeps a replication slot busy while the next daemon takes over.
-    (SIGTERM, not SIGKILL: the job still cleans up as it would when stopped.) Linux sends it
-    when the *thread* that started the child ends, so every job is started by a thread that
-    then waits for it."""
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _load_prctl() -> Callable[[int, int], int] | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return None
-    prctl: Callable[[int, int], int] | None = getattr(libc, "prctl", None)
-    return prctl
-
-
-_PR_SET_PDEATHSIG = 1
-_PRCTL = _load_prctl() if sys.platform.startswith("linux") else None
-
-
 def child_env(base: Mapping[str, str], *, policies: Path, log_level: str) -> dict[str, str]:
     """The environment jobs run with: the daemon's own, with its policies directory made
     absolute, JSON logs (the daemon passes them through) and the daemon's log level."""
@@ -232,5 +211,8 @@ def child_env(base: Mapping[str, str], *, policies: Path, log_level: str) -> dic
     env["DRBOT_POLICIES"] = str(policies.absolute())
     env["DRBOT_LOG_FORMAT"] = "json"
     env["DRBOT_LOG_LEVEL"] = log_level
+    # The child asks the kernel for SIGTERM when this process dies (drbot.procs.die_with):
+    # a killed daemon leaves no orphaned streamer holding the replication slot.
+    env[DIE_WITH_ENV] = str(os.getpid())
     env.pop("DRBOT_HTTP", None)  # jobs serve nothing
     return env

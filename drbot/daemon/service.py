@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import signal
 import socket
 import threading
@@ -45,7 +46,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from drbot.audit.trail import FileAuditTrail
 from drbot.clock import Clock, SystemClock
-from drbot.daemon.alerts import AlertBook, Condition, Notifier
+from drbot.daemon.alerts import Alert, AlertBook, Condition, Notifier
 from drbot.daemon.http import HealthServer
 from drbot.daemon.jobs import JobProcess, JobResult, child_env, drbot_command, exit_name
 from drbot.daemon.metrics import DaemonMetrics
@@ -78,10 +79,18 @@ class PolicyRuntime:
     guards: dict[str, threading.Lock] = field(default_factory=dict)
     writer: threading.Lock = field(default_factory=threading.Lock)
     held: bool = False
+    retiring: bool = False
+    """Removed or replaced by a reload: its jobs' interruptions are ours, not failures."""
     destinations_ok: dict[str, bool] = field(default_factory=dict)
     rpo_s: float | None = None
     next_check: float = 0.0
     next_lease_tick: float = 0.0
+    checking: bool = False
+    archived_at: datetime | None = None
+    lease_error_since: float | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+    beat: float = field(default_factory=time.monotonic)
 
     def guard(self, kind: str) -> threading.Lock:
         return self.guards.setdefault(kind, threading.Lock())
@@ -138,6 +147,14 @@ class Daemon:
         logging.getLogger("apscheduler").setLevel(logging.ERROR)
         self._stop = threading.Event()
         self._runs_lock = threading.Lock()
+        # Held while deciding to start a job and registering it, and while shutdown begins:
+        # no job starts unseen by the shutdown.
+        self._jobs_lock = threading.Lock()
+        self._outbox: queue.Queue[tuple[Alert, PolicyRuntime]] = queue.Queue()
+        self._pending: set[Condition] = set()
+        self._alert_lock = threading.Lock()
+        self._running = False
+        self._beat = time.monotonic()
         self._graceful = True
         self._reload = threading.Event()
         self._stopping = False
@@ -145,8 +162,18 @@ class Daemon:
         self.http = HealthServer(
             settings.http, self.metrics.registry, live=self._live, ready=self._ready
         )
+        problems: list[str] = []
         for policy in policies:
-            self._add_policy(policy)
+            try:
+                self._add_policy(policy)
+            except Exception as exc:
+                problems.append(f"{policy.name}: {exc.__class__.__name__}: {exc}")
+        if problems:
+            raise PolicyInvalid(
+                "cannot set up " + "; ".join(problems),
+                hint="`drbot policy validate` checks the files; a destination's URL or "
+                "endpoint may be malformed",
+            )
         self.metrics.policies.set(len(self.runtimes))
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -191,20 +218,51 @@ class Daemon:
             http=self.http.address,
             holder=self.holder,
         )
+        self._running = True
+        threading.Thread(target=self._send_alerts, name="drbot-alerts", daemon=True).start()
+        for rt in list(self.runtimes.values()):
+            self._start_loop(rt)
         try:
             while not self._stop.is_set():
+                self._beat = time.monotonic()
                 if self._reload.is_set():
                     self._reload.clear()
                     self.reload()
-                self._tick()
+                self._watchdog()
                 self._stop.wait(1.0)
         finally:
             self._shutdown()
         return 0
 
+    def _start_loop(self, rt: PolicyRuntime) -> None:
+        rt.thread = threading.Thread(
+            target=self._policy_loop, args=(rt,), name=f"drbot-{rt.policy.name}", daemon=True
+        )
+        rt.thread.start()
+
+    def _watchdog(self) -> None:
+        """Stop acting for a policy the moment its lease is no longer valid, even while its own
+        thread is stuck in a storage call: jobs may not outlive the lease."""
+        for rt in list(self.runtimes.values()):
+            if rt.held and not rt.lease.valid():
+                for process in list(rt.running.values()):
+                    if process.running():
+                        log.warning(
+                            "job.aborting",
+                            policy=rt.policy.name,
+                            job=process.kind,
+                            reason="lease expired",
+                        )
+                        process.interrupt()
+                if rt.streamer is not None and rt.streamer.process is not None:
+                    rt.streamer.process.interrupt()
+
     def _shutdown(self) -> None:
-        self._stopping = True
+        with self._jobs_lock:
+            self._stopping = True
         graceful = self._graceful
+        for rt in self.runtimes.values():
+            rt.stop.set()
         log.info("daemon.stopping", graceful=graceful, grace_period_s=self.settings.grace_period)
         deadline = time.monotonic() + (self.settings.grace_period if graceful else 0.0)
         self.scheduler.shutdown(wait=False)
@@ -218,12 +276,12 @@ class Daemon:
             and not (graceful and self._graceful is False)
         ):
             time.sleep(0.2)
-        for rt in self.runtimes.values():
-            for process in list(rt.running.values()):
-                self._abort(rt, process)
+        self._abort_all([p for rt in self.runtimes.values() for p in rt.running.values()])
         for rt in self.runtimes.values():
             if rt.streamer is not None:
                 rt.streamer.finish_stop()
+            if rt.thread is not None:
+                rt.thread.join(timeout=5)
         for rt in self.runtimes.values():
             if rt.held:
                 rt.lease.release()
@@ -235,18 +293,27 @@ class Daemon:
     def _running_jobs(self) -> list[JobProcess]:
         return [p for rt in self.runtimes.values() for p in rt.running.values() if p.running()]
 
-    def _abort(self, rt: PolicyRuntime, process: JobProcess) -> None:
-        if not process.running():
-            return
-        log.warning("job.aborting", policy=rt.policy.name, job=process.kind, pid=process.pid)
-        process.interrupt()
-        if process.wait(30.0) is None:
-            log.error("job.killed", policy=rt.policy.name, job=process.kind, pid=process.pid)
-            process.kill()
+    def _abort_all(self, processes: list[JobProcess], timeout: float = 30.0) -> None:
+        """Interrupt every running job at once (each cleans up), then kill what is left after
+        `timeout` seconds."""
+        running = [p for p in processes if p.running()]
+        for process in running:
+            log.warning("job.aborting", policy=process.policy, job=process.kind, pid=process.pid)
+            process.interrupt()
+        deadline = time.monotonic() + timeout
+        for process in running:
+            if process.wait(max(0.0, deadline - time.monotonic())) is None:
+                log.error("job.killed", policy=process.policy, job=process.kind, pid=process.pid)
+                process.kill()
 
     # -- policies ----------------------------------------------------------------------------
 
     def _add_policy(self, policy: Policy) -> None:
+        self._register(self._build_runtime(policy))
+
+    def _build_runtime(self, policy: Policy) -> PolicyRuntime:
+        """Everything for one policy, nothing started yet (raises if a destination cannot be
+        set up, e.g. a malformed endpoint)."""
         storages = self._build_storages(policy)
         rt = PolicyRuntime(
             policy=policy,
@@ -285,6 +352,10 @@ class Daemon:
                 policy=policy.name,
                 reason="scheduled (cron) incrementals are not built yet; use 'continuous'",
             )
+        return rt
+
+    def _register(self, rt: PolicyRuntime) -> None:
+        policy = rt.policy
         self.runtimes[policy.name] = rt
         m = self.metrics
         m.lease_held.labels(policy.name).set(0)
@@ -294,13 +365,20 @@ class Daemon:
         if policy.targets.rto is not None:
             m.rto_target.labels(policy.name).set(policy.targets.rto.total_seconds())
         self._schedule(rt)
+        if self._running:
+            self._start_loop(rt)
 
     def _schedule(self, rt: PolicyRuntime) -> None:
         name = rt.policy.name
+        runs = self._read_runs(name)
         for kind, expr in self._jobs(rt.policy).items():
+            last = runs.get(kind)
+            # `@every` counts from the last run (as the catch-up rule does), not from whenever
+            # this daemon happened to start.
+            start = datetime.fromisoformat(last) if last else self.clock.now()
             self.scheduler.add_job(
                 self._run_scheduled,
-                schedule_trigger(expr, start=self.clock.now()),
+                schedule_trigger(expr, start=start),
                 args=(name, kind),
                 id=f"{name}:{kind}",
                 name=f"{kind} of {name}",
@@ -316,62 +394,116 @@ class Daemon:
         }
         return {kind: expr for kind, expr in jobs.items() if expr is not None}
 
+    def _unschedule(self, rt: PolicyRuntime) -> None:
+        for kind in ("full", "drill", "verify"):
+            for suffix in ("", ":catch-up"):
+                with contextlib.suppress(JobLookupError):
+                    self.scheduler.remove_job(f"{rt.policy.name}:{kind}{suffix}")
+
     def _remove_policy(self, name: str) -> None:
+        """A policy no longer in the files: stop its jobs and streamer, let go of its lease."""
         rt = self.runtimes.pop(name)
-        for kind in self._jobs(rt.policy):
-            with contextlib.suppress(JobLookupError):
-                self.scheduler.remove_job(f"{name}:{kind}")
+        rt.retiring = True
+        rt.stop.set()
+        self._unschedule(rt)
         if rt.streamer is not None:
-            rt.streamer.stop()
-        for process in list(rt.running.values()):
-            self._abort(rt, process)
+            rt.streamer.begin_stop()
+        self._abort_all(list(rt.running.values()))
+        if rt.streamer is not None:
+            rt.streamer.finish_stop()
+        if rt.thread is not None:
+            rt.thread.join(timeout=5)
         if rt.held:
             rt.lease.release()
         self.metrics.forget(name)
 
+    def _update_policy(self, rt: PolicyRuntime, fresh: PolicyRuntime) -> None:
+        """A changed file for a running policy: new settings for the next runs, while running
+        jobs finish undisturbed (they read the file as it was when they started)."""
+        rt.policy = fresh.policy
+        rt.storages = fresh.storages
+        self._unschedule(rt)
+        self._schedule(rt)
+        if rt.streamer is not None:
+            if fresh.streamer is None:
+                rt.streamer.stop()
+                rt.streamer = None
+            else:
+                rt.streamer.restart()  # picks up the new text; a clean stop, not a failure
+        elif fresh.streamer is not None:
+            rt.streamer = fresh.streamer
+        m = self.metrics
+        for gauge, target in ((m.rpo_target, rt.policy.targets.rpo),
+                              (m.rto_target, rt.policy.targets.rto)):  # fmt: skip
+            if target is not None:
+                gauge.labels(rt.policy.name).set(target.total_seconds())
+
     def reload(self) -> None:
-        """Re-read the policies; keep the running ones if any new file is invalid."""
+        """Re-read the policies; keep the running ones if anything about the new set is wrong.
+
+        Everything new is built before anything old is touched, so a refused reload changes
+        nothing. A changed policy keeps its lease and its running jobs; one whose primary
+        destination moved starts afresh (its lease lives there).
+        """
         try:
             policies = self._load()
-        except PolicyInvalid as exc:
-            log.error("daemon.reload_refused", problems=exc.message.splitlines())
+            fresh = {p.name: self._build_runtime(p) for p in policies}
+        except Exception as exc:
+            message = (
+                exc.message if isinstance(exc, DrbotError) else f"{exc.__class__.__name__}: {exc}"
+            )
+            log.error("daemon.reload_refused", problems=message.splitlines())
             self._record(
-                "daemon.reload_refused", None, outcome="failed", details={"error": exc.message}
+                "daemon.reload_refused", None, outcome="failed", details={"error": message}
             )
             return
-        new = {p.name: p for p in policies}
         for name in list(self.runtimes):
-            old = self.runtimes[name].policy
-            if name not in new or new[name].source_sha256 != old.source_sha256:
+            rt = self.runtimes[name]
+            if name not in fresh or fresh[name].primary.url != rt.primary.url:
                 self._remove_policy(name)
-        for name, policy in new.items():
+            elif fresh[name].policy.source_sha256 != rt.policy.source_sha256:
+                self._update_policy(rt, fresh[name])
+        for name, new in fresh.items():
             if name not in self.runtimes:
-                self._add_policy(policy)
+                self._register(new)
         self.metrics.policies.set(len(self.runtimes))
         log.info("daemon.reloaded", policies=sorted(self.runtimes))
 
     # -- the loop: leases, streamers, checks -------------------------------------------------
 
-    def _tick(self) -> None:
+    def _policy_loop(self, rt: PolicyRuntime) -> None:
+        """One thread per policy: its lease, its streamer, its checks. A storage call that
+        hangs here holds up this policy only (and the watchdog stops its jobs if the lease
+        runs out meanwhile)."""
+        while not rt.stop.is_set():
+            rt.beat = time.monotonic()
+            try:
+                self._policy_tick(rt)
+            except Exception:  # a bug must not end supervision of the policy
+                log.exception("daemon.loop_error", policy=rt.policy.name)
+            rt.stop.wait(1.0)
+
+    def _policy_tick(self, rt: PolicyRuntime) -> None:
         now = time.monotonic()
-        for rt in list(self.runtimes.values()):
-            if now >= rt.next_lease_tick:
-                rt.next_lease_tick = now + self.settings.lease_ttl / 4
-                self._tick_lease(rt)
-            if rt.streamer is not None:
-                self._supervise(rt)
-            if now >= rt.next_check and rt.held:
-                rt.next_check = now + self.settings.check_interval
-                threading.Thread(
-                    target=self._check,
-                    args=(rt,),
-                    name=f"drbot-check-{rt.policy.name}",
-                    daemon=True,
-                ).start()
+        if now >= rt.next_lease_tick:
+            rt.next_lease_tick = now + self.settings.lease_ttl / 4
+            self._tick_lease(rt)
+        if rt.streamer is not None:
+            self._supervise(rt)
+        if now >= rt.next_check and rt.held and not rt.checking:
+            rt.next_check = now + self.settings.check_interval
+            rt.checking = True
+            threading.Thread(
+                target=self._check,
+                args=(rt,),
+                name=f"drbot-check-{rt.policy.name}",
+                daemon=True,
+            ).start()
 
     def _tick_lease(self, rt: PolicyRuntime) -> None:
         state = rt.lease.tick()
         held = state.held and rt.lease.valid()
+        self._lease_reachable(rt)
         if held == rt.held:
             return
         rt.held = held
@@ -384,15 +516,37 @@ class Daemon:
             self._record("lease.lost", name, outcome="failed", details={"holder": state.holder})
             # Another daemon may act for this policy now: stop everything of ours at once.
             if rt.streamer is not None:
-                rt.streamer.stop()
-            for process in list(rt.running.values()):
-                self._abort(rt, process)
+                rt.streamer.begin_stop()
+            self._abort_all(list(rt.running.values()))
+            if rt.streamer is not None:
+                rt.streamer.finish_stop()
+
+    def _lease_reachable(self, rt: PolicyRuntime) -> None:
+        """Alert when the lease has been unreadable for two TTLs: then no daemon acts for the
+        policy at all, and nothing else would say so."""
+        if rt.lease.last_error is None:
+            rt.lease_error_since = None
+        elif rt.lease_error_since is None:
+            rt.lease_error_since = time.monotonic()
+        down = 0.0 if rt.lease_error_since is None else time.monotonic() - rt.lease_error_since
+        failing = down >= 2 * self.settings.lease_ttl
+        if failing or rt.lease_error_since is None:
+            self._alert(
+                rt,
+                "lease_unreachable",
+                failing=failing,
+                summary=f"{rt.policy.name}: the lease in destination {rt.primary.name} cannot "
+                f"be read ({rt.lease.last_error}); no daemon backs up this policy"
+                if failing
+                else f"{rt.policy.name}: the lease is reachable again",
+                details={"destination": rt.primary.name, "error": rt.lease.last_error},
+            )
 
     def _supervise(self, rt: PolicyRuntime) -> None:
         assert rt.streamer is not None
         streamer = rt.streamer
         before = streamer.restarts
-        streamer.poll(enabled=rt.held and not self._stopping)
+        streamer.poll(enabled=rt.held and rt.lease.valid() and not self._stopping)
         name = rt.policy.name
         if streamer.restarts > before:
             self.metrics.streamer_restarts.labels(name).inc()
@@ -400,11 +554,13 @@ class Daemon:
         self.metrics.streamer_up.labels(name).set(1 if connected else 0)
         status = streamer.status()
         if status is not None:
-            at = status.get("archived_at")
-            if at:
-                lag = (self.clock.now() - datetime.fromisoformat(at)).total_seconds()
-                self.metrics.streamer_lag.labels(name).set(max(0.0, lag))
+            if status.get("archived_at"):
+                rt.archived_at = datetime.fromisoformat(status["archived_at"])
             self.metrics.streamer_lag_bytes.labels(name).set(int(status.get("lag_bytes", 0)))
+        if rt.archived_at is not None and rt.held:
+            # Kept growing while the streamer is down: a frozen lag would hide the outage.
+            lag = (self.clock.now() - rt.archived_at).total_seconds()
+            self.metrics.streamer_lag.labels(name).set(max(0.0, lag))
         if rt.held:
             down = streamer.down_for()
             self._alert(
@@ -418,10 +574,18 @@ class Daemon:
             )
 
     def _streamer_exited(self, name: str, result: JobResult) -> None:
-        if not self._stopping:
+        if not self._stopping and result.exit_code not in (0, 130, -2, -15):
             self.metrics.failures.labels(name, "wal", result.outcome).inc()
 
     def _check(self, rt: PolicyRuntime) -> None:
+        try:
+            self._measure(rt)
+        except Exception:
+            log.exception("daemon.check_failed", policy=rt.policy.name)
+        finally:
+            rt.checking = False
+
+    def _measure(self, rt: PolicyRuntime) -> None:
         """The RPO (newest restorable point) and whether each destination answers."""
         name = rt.policy.name
         for storage in rt.storages:
@@ -448,8 +612,11 @@ class Daemon:
         if rt.rpo_s is not None:
             self.metrics.rpo.labels(name).set(max(0.0, rt.rpo_s))
         # While a full backup runs, the RPO is about to change: judge it afterwards (a new
-        # daemon would otherwise alert at once, while its first backup is under way).
-        if target is not None and "full" not in rt.running:
+        # daemon would otherwise alert at once, while its first backup is under way) -- but
+        # not for longer than the target itself, or a hung backup would silence the alert.
+        full = rt.running.get("full")
+        judging = full is None or full.age_s() > (target.total_seconds() if target else 0)
+        if target is not None and judging:
             over = rt.rpo_s is None or rt.rpo_s > target.total_seconds()
             state = (
                 "there is no restorable backup"
@@ -517,31 +684,47 @@ class Daemon:
             log.warning("job.skipped", policy=name, job=kind, reason="previous run still running")
             return
         try:
-            self._note_run(name, kind)
+            result: JobResult | None
             if kind == "full":
                 with rt.writer:
                     result = self._run(rt, "full", ["backup"])
-                    if result.ok:
+                    if result is not None and result.ok:
                         rt.next_check = 0.0  # the RPO just changed: measure it now
-                    if result.ok and not self._stopping:
                         self._run(rt, "prune", ["prune"], extra=["--yes"])
             elif kind == "drill":
-                self._run(rt, "drill", ["drill"])
-            elif kind == "verify":
+                result = self._run(rt, "drill", ["drill"])
+            else:
                 sample = str(rt.policy.schedule.verify_sample)
-                self._run(rt, "verify", ["verify"], extra=["--sample", sample])
+                result = self._run(rt, "verify", ["verify"], extra=["--sample", sample])
+            if result is not None and not self._ours(rt, result):
+                # A run we interrupted (shutdown, lease lost, reload) does not count as done:
+                # the catch-up after a restart or takeover runs it again.
+                self._note_run(name, kind)
         finally:
             guard.release()
 
+    def _ours(self, rt: PolicyRuntime, result: JobResult) -> bool:
+        """Whether the run ended because the daemon stopped it (not a failure of the job)."""
+        interrupted = result.exit_code in (130, -2, -15)
+        return interrupted and (
+            self._stopping or rt.retiring or not rt.held or not rt.lease.valid()
+        )
+
     def _run(
         self, rt: PolicyRuntime, kind: str, command: list[str], *, extra: list[str] | None = None
-    ) -> JobResult:
+    ) -> JobResult | None:
+        """Run one job to its end; None if it was not started (stopping, lease gone)."""
         name = rt.policy.name
         process = self._process(kind, name, command, extra=extra, json_out=True)
+        with self._jobs_lock:
+            # Decided and registered under the lock the shutdown takes: never a job it misses.
+            if self._stopping or rt.retiring or not (rt.held and rt.lease.valid()):
+                return None
+            rt.running[kind] = process
+            process.start()
         self.metrics.running.labels(name, kind).set(1)
-        rt.running[kind] = process
         try:
-            result = process.start().wait()
+            result = process.wait()
             assert result is not None
         finally:
             rt.running.pop(kind, None)
@@ -593,9 +776,8 @@ class Daemon:
                 checked_objects=out.get("checked_objects"),
                 problems=len(out.get("problems") or []),
             )
-        interrupted = result.exit_code in (130, -2, -15)
-        if interrupted and (self._stopping or not rt.held):
-            # Stopped by us (shutdown, lease lost): neither a failure nor a recovery.
+        if self._ours(rt, result):
+            # Stopped by us (shutdown, lease lost, reload): neither a failure nor a recovery.
             log.warning("job.interrupted", **summary)
             return
         if result.ok:
@@ -669,19 +851,35 @@ class Daemon:
         details: dict[str, Any],
     ) -> None:
         condition = Condition(rt.policy.name, kind)
-        alert = self.alerts.observe(
-            condition,
-            failing,
-            summary=summary,
-            details=details,
-            interval=rt.policy.alerts.interval,
-        )
-        if alert is None:
-            return
-        notifier = Notifier(rt.policy.alerts, self.settings)
-        if notifier.send(alert):
-            self.alerts.sent(alert)
-            self.metrics.alerts.labels(rt.policy.name, kind, alert.state).inc()
+        with self._alert_lock:
+            if condition in self._pending:
+                return  # one delivery of this condition is already on its way
+            alert = self.alerts.observe(
+                condition,
+                failing,
+                summary=summary,
+                details=details,
+                interval=rt.policy.alerts.interval,
+            )
+            if alert is None:
+                return
+            self._pending.add(condition)
+        # Delivered from one thread of its own: a webhook that hangs delays alerts, not jobs.
+        self._outbox.put((alert, rt))
+
+    def _send_alerts(self) -> None:
+        while True:
+            alert, rt = self._outbox.get()
+            try:
+                if Notifier(rt.policy.alerts, self.settings).send(alert):
+                    self.alerts.sent(alert)
+                    labels = (alert.condition.policy, alert.condition.kind, alert.state)
+                    self.metrics.alerts.labels(*labels).inc()
+            except Exception:
+                log.exception("alert.send_crashed", policy=alert.condition.policy)
+            finally:
+                with self._alert_lock:
+                    self._pending.discard(alert.condition)
 
     def _record(
         self,
@@ -703,8 +901,13 @@ class Daemon:
             log.error("audit.record_failed", action=action, error=exc.message)
 
     def _live(self) -> tuple[bool, dict[str, Any]]:
-        alive = self.scheduler.running or self._stopping
-        return alive, {"uptime_s": round((self.clock.now() - self.started_at).total_seconds())}
+        # The main loop beats every second; a minute without means it is stuck.
+        beat_age = time.monotonic() - self._beat
+        alive = (self.scheduler.running and beat_age < 60) or self._stopping
+        return alive, {
+            "uptime_s": round((self.clock.now() - self.started_at).total_seconds()),
+            "loop_beat_age_s": round(beat_age, 1),
+        }
 
     def _ready(self) -> tuple[bool, dict[str, Any]]:
         problems: list[str] = []

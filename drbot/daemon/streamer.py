@@ -44,6 +44,7 @@ class SupervisedStreamer:
         self._on_exit = on_exit
         self.process: JobProcess | None = None
         self._stopping: JobProcess | None = None
+        self._enabled = False
         self.restarts = 0
         self.down_since: float | None = time.monotonic()
         self._backoff = BACKOFF_FIRST_S
@@ -53,6 +54,10 @@ class SupervisedStreamer:
     def poll(self, enabled: bool) -> None:
         """Start, reap or restart as needed; call about once a second."""
         now = time.monotonic()
+        if enabled and not self._enabled:
+            # Counting "down" starts when it should run: a standby taking over is not an outage.
+            self.down_since = now
+        self._enabled = enabled
         if self.process is not None and not self.process.running():
             result = self.process.wait(timeout=5)
             self.process = None
@@ -115,6 +120,12 @@ class SupervisedStreamer:
         """Stop cleanly (it ships its unfinished segment first); kill after `timeout`."""
         self.begin_stop()
         self.finish_stop(timeout)
+
+    def restart(self) -> None:
+        """Stop it cleanly now and start it again at the next poll (a changed policy)."""
+        self.stop()
+        self._next_start = 0.0
+        self._backoff = BACKOFF_FIRST_S
 
     def begin_stop(self) -> None:
         """Ask the streamer to stop (SIGINT) without waiting; `poll` will not restart it."""

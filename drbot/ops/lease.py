@@ -25,6 +25,7 @@ import secrets
 import socket
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -57,6 +58,17 @@ def process_holder() -> str:
     return _process_holder[1]
 
 
+def pid_space() -> str:
+    """`<boot id>/<pid namespace>` of this process ("" where Linux does not say): pids are only
+    comparable between processes with the same value."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+    return f"{boot}/{namespace}"
+
+
 @dataclass(frozen=True)
 class LeaseRecord:
     """The lease object's content (format `drbot-lease/1`, documented in docs/design.md)."""
@@ -69,6 +81,9 @@ class LeaseRecord:
     renewed_at: datetime
     ttl_s: float
     released: bool = False
+    pid_space: str = ""
+    """Which pid namespace of which boot `pid` belongs to (`<boot id>/<pid ns inode>`); two
+    containers may share a host name, so only an equal pid space makes `pid` comparable."""
 
     def to_json(self) -> bytes:
         body = {
@@ -81,6 +96,7 @@ class LeaseRecord:
             "renewed_at": self.renewed_at.astimezone(UTC).isoformat(),
             "ttl_s": self.ttl_s,
             "released": self.released,
+            "pid_space": self.pid_space,
         }
         return json.dumps(body).encode()
 
@@ -100,6 +116,7 @@ class LeaseRecord:
                 renewed_at=_time(body, "renewed_at"),
                 ttl_s=float(_typed(body, "ttl_s", int | float)),
                 released=_typed(body, "released", bool),
+                pid_space=str(body.get("pid_space") or ""),
             )
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ValueError(f"not a {FORMAT} record: {exc}") from None
@@ -167,6 +184,7 @@ class Lease:
         self.key = layout.lease_key(policy)
         self._clock = clock
         self._host = socket.gethostname()
+        self._pid_space = pid_space()
         self._pid = os.getpid()
         self._held = False
         self._valid_until: float | None = None
@@ -275,6 +293,8 @@ class Lease:
         """The record names a process of this host that no longer exists."""
         return (
             record.host == self._host
+            and record.pid_space != ""
+            and record.pid_space == self._pid_space
             and record.pid > 0
             and record.pid != self._pid
             and not pid_alive(record.pid)
@@ -309,6 +329,7 @@ class Lease:
             policy=self.policy,
             holder=self.holder,
             host=self._host,
+            pid_space=self._pid_space,
             pid=self._pid,
             acquired_at=since,
             renewed_at=now,

@@ -340,15 +340,26 @@ def test_two_daemons_on_one_policy_only_one_acts_and_the_other_takes_over(e2e: E
         ready = json.loads(waiter.get("/readyz")[1])
         assert ready["policies"]["shop"]["lease"] == "waiting"
 
-        # The holder dies without a word (SIGKILL): its jobs die with it, the waiter takes over
-        # within the lease time (3 s) plus one tick.
+        # The holder freezes (SIGSTOP: alive, renewing nothing). Its pid is alive, so only
+        # expiry hands over: the waiter takes the lease after one TTL (3 s) plus ticks.
+        before = backups(holder)
+        holder.proc.send_signal(signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        waiter.wait_for("the takeover", lambda: waiter.value("drbot_lease_held", policy="shop")
+                        == 1, 20)  # fmt: skip
+        assert 3 <= time.monotonic() - frozen_at < 3 + 2 * 3 / 4 + 2.5
+        waiter.wait_for("backups by the new holder", lambda: backups(waiter) >= 1, 30)
+        # Thawed, the old holder finds its lease taken and stops acting.
+        holder.proc.send_signal(signal.SIGCONT)
+        holder.wait_for("the old holder to let go", lambda: holder.value("drbot_lease_held",
+                        policy="shop") == 0, 15)  # fmt: skip
+        time.sleep(4)
+        assert backups(holder) <= before + 1  # at most a run that was already under way
+        assert waiter.value("drbot_lease_held", policy="shop") == 1
+
+        # The old holder dies without a word (SIGKILL): no job of it outlives it.
         marker = holder.env["DRBOT_STATE_DIR"]
         holder.stop(signal.SIGKILL)
-        killed_at = time.monotonic()
-        waiter.wait_for("the takeover", lambda: waiter.value("drbot_lease_held", policy="shop")
-                        == 1, 15)  # fmt: skip
-        assert time.monotonic() - killed_at < 3 + 3 / 4 + 2.5
-        waiter.wait_for("backups by the new holder", lambda: backups(waiter) >= 1, 30)
         deadline = time.monotonic() + 10
         while _drbot_children(marker) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -420,7 +431,33 @@ def test_a_failing_job_alerts_once_and_once_more_on_recovery_and_sighup_reloads(
         assert hook.states() == [("job_failed:full", "firing"), ("job_failed:full", "resolved")]
         assert "T0K3N" not in daemon.output(), "the webhook URL holds a secret: never logged"
 
-        # SIGHUP: a new policy is picked up; an invalid file is refused and the old set kept.
+        # SIGHUP after an edit: the policy keeps its lease and running jobs (no interruption,
+        # no alert); a new policy is picked up; an invalid file is refused, the old set kept.
+        shop = policies / "shop.yaml"
+        shop.write_text(shop.read_text() + "# edited\n")
+        daemon.wait_for(
+            "a backup running",
+            lambda: daemon.value("drbot_job_running", policy="shop", job="full") == 1,
+            20,
+        )
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_for(
+            "the reload",
+            lambda: any(e.get("event") == "daemon.reloaded" for e in daemon.events()),
+            20,
+        )
+        ok_before = daemon.value("drbot_job_runs_total", policy="shop", job="full", outcome="ok")
+        daemon.wait_for(
+            "a backup under the edited policy",
+            lambda: (
+                daemon.value("drbot_job_runs_total", policy="shop", job="full", outcome="ok")
+                > ok_before
+            ),
+            30,
+        )
+        assert not [e for e in daemon.events() if e.get("event") == "job.interrupted"]
+        assert daemon.value("drbot_lease_held", policy="shop") == 1
+        assert len(hook.bodies) == 2
         (policies / "second.yaml").write_text(_logical(e2e, "second", local=True))
         daemon.proc.send_signal(signal.SIGHUP)
         daemon.wait_for("two policies", lambda: daemon.value("drbot_policies") == 2, 20)

@@ -26,7 +26,7 @@ T = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
         ("0 2 * * *", T.replace(hour=2) - timedelta(days=1), T, "full", True),
         # Down for a week: still one catch-up (the caller runs it once, not seven times).
         ("0 2 * * *", T - timedelta(days=7), T, "drill", True),
-        # Missed 11:00, but the next run (12:05) is within a quarter period: skip.
+        # Missed 11:05; the next run (12:05) is 5 min away, under a quarter period: skip.
         ("5 * * * *", T - timedelta(hours=1, minutes=30), T, "full", False),
         # Missed 11:05, next at 12:05 is 5 min away of a 60 min period: skip (< 25 %).
         ("5 * * * *", T.replace(hour=11, minute=0), T.replace(minute=0), "full", False),

@@ -21,6 +21,7 @@ from drbot.ops.lease import (
     Lease,
     LeaseRecord,
     LeaseState,
+    pid_space,
     process_holder,
 )
 from drbot.storage import layout
@@ -109,6 +110,7 @@ def test_a_free_lease_is_acquired_and_recorded() -> None:
         "renewed_at": clock.now().isoformat(),
         "ttl_s": TTL,
         "released": False,
+        "pid_space": pid_space(),
     }
 
 
@@ -246,23 +248,36 @@ def test_an_unreadable_lease_object_is_taken_over_after_a_ttl() -> None:
 
 
 @pytest.mark.parametrize(
-    ("host", "pid", "taken_at_once"),
+    ("host", "pid", "space", "taken_at_once"),
     [
-        pytest.param(HOST, "dead", True, id="this-host-dead-pid"),
-        pytest.param(HOST, "alive", False, id="this-host-live-pid"),
-        pytest.param(HOST, "own", False, id="this-host-own-pid"),
-        pytest.param("another-host", "dead", False, id="other-host-dead-pid"),
-        pytest.param("another-host", "alive", False, id="other-host-live-pid"),
+        pytest.param(HOST, "dead", "ours", True, id="this-host-dead-pid"),
+        pytest.param(HOST, "alive", "ours", False, id="this-host-live-pid"),
+        pytest.param(HOST, "own", "ours", False, id="this-host-own-pid"),
+        pytest.param("another-host", "dead", "ours", False, id="other-host-dead-pid"),
+        pytest.param("another-host", "alive", "ours", False, id="other-host-live-pid"),
+        # Containers sharing a host name (compose's network_mode: service:db): a pid of
+        # another pid namespace says nothing here, even if no such pid exists in ours.
+        pytest.param(HOST, "dead", "other", False, id="same-name-other-pid-namespace"),
+        pytest.param(HOST, "dead", "", False, id="record-without-pid-space"),
     ],
 )
 def test_a_crashed_holder_on_this_host_is_replaced_at_once(
-    host: str, pid: str, taken_at_once: bool
+    host: str, pid: str, space: str, taken_at_once: bool
 ) -> None:
-    """A record naming a process of this host that no longer exists is taken at the first
-    tick; one naming a live process, or any process of another host, is waited for."""
+    """A record naming a process of this host (and pid namespace) that no longer exists is
+    taken at the first tick; one naming a live process, or any process elsewhere, is waited
+    for."""
     storage, clock = MemoryStorage("primary"), FakeClock()
     pids = {"dead": dead_pid(), "alive": os.getppid(), "own": os.getpid()}
-    plant(storage, clock, host=host, pid=pids[pid], holder=f"{host}:{pids[pid]}:old")
+    spaces = {"ours": pid_space(), "other": "another-boot/pid:[1]", "": ""}
+    plant(
+        storage,
+        clock,
+        host=host,
+        pid=pids[pid],
+        holder=f"{host}:{pids[pid]}:old",
+        pid_space=spaces[space],
+    )
     lease = make_lease(storage, clock, "new")
     state = lease.tick()
     assert state.held is taken_at_once
