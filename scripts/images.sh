@@ -44,7 +44,10 @@ build_postgres() {
     local tmp
     tmp="$(mktemp -d)"
     trap 'rm -rf "$tmp"' RETURN
-    mmdebstrap --quiet --variant=apt --include="postgresql-$major" bookworm "$tmp/rootfs.tar"
+    # python3 too: the same root filesystem is the base of drbot's own image in the tests
+    # (tests/integration/test_image.py), so a fresh machine runs mmdebstrap once, not twice.
+    mmdebstrap --quiet --variant=apt --include="postgresql-$major,python3,python3-venv,ca-certificates" \
+        bookworm "$tmp/rootfs.tar"
     docker import \
         --change "ENV PATH=/usr/lib/postgresql/$major/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
         --message "drbot stand-in for the official $image (scripts/images.sh)" \

@@ -347,7 +347,9 @@ def test_two_daemons_on_one_policy_only_one_acts_and_the_other_takes_over(e2e: E
         frozen_at = time.monotonic()
         waiter.wait_for("the takeover", lambda: waiter.value("drbot_lease_held", policy="shop")
                         == 1, 20)  # fmt: skip
-        assert 3 <= time.monotonic() - frozen_at < 3 + 2 * 3 / 4 + 2.5
+        # The waiter counts a TTL from when it first read the holder's last renewal, which
+        # may precede the freeze by one renewal interval (the policy loop turns each second).
+        assert 3 - 1.5 <= time.monotonic() - frozen_at < 3 + 2 + 2.5
         waiter.wait_for("backups by the new holder", lambda: backups(waiter) >= 1, 30)
         # Thawed, the old holder finds its lease taken and stops acting.
         holder.proc.send_signal(signal.SIGCONT)
