@@ -96,6 +96,12 @@ def test_drill_of_a_corrupt_backup_is_an_integrity_failure(e2e: Env, docker_imag
 
 
 def test_interrupted_drill_leaves_nothing_behind(e2e: Env, docker_image: str) -> None:
+    # A slow check keeps the drill running: a whole drill of this database takes about as long
+    # as the pause below, and one that ends first is not interrupted at all.
+    _add_drill(
+        e2e,
+        "drill:\n  checks:\n    - name: slow\n      sql: SELECT pg_sleep(60) IS NOT NULL\n",
+    )
     assert e2e.run("backup", "--policy", "shop").returncode == 0
     proc = e2e.popen("drill", "--policy", "shop")
     deadline = time.monotonic() + 60
