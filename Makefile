@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both set everything up first.
-.PHONY: demo test check lint typecheck unit contract integration e2e bench lock bootstrap images image clean
+.PHONY: demo test check lint typecheck unit contract integration e2e bench lock bootstrap images image browser clean
 
 VENV := .venv/bin
 PYTEST_ARGS ?=
@@ -18,7 +18,11 @@ images:
 image: bootstrap
 	./scripts/image.sh
 
-test: bootstrap images check
+# Headless Chromium (Debian's) for the test that opens the HTML evidence report.
+browser:
+	./scripts/browser.sh
+
+test: bootstrap images browser check
 	$(VENV)/pytest $(PYTEST_ARGS)
 
 check: lint typecheck
@@ -30,7 +34,7 @@ lint:
 typecheck:
 	$(VENV)/mypy
 
-unit contract integration e2e: bootstrap images
+unit contract integration e2e: bootstrap images browser
 	$(VENV)/pytest tests/$@ $(PYTEST_ARGS)
 
 # Throughput of backup/restore against pg_dump alone, and of each stage (JSON lines).

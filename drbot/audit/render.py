@@ -7,7 +7,7 @@ import html
 import io
 import json
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from drbot.audit.event import AuditEvent
@@ -46,6 +46,26 @@ th{background:#f4f5f8}.met{color:#0a7d32;font-weight:600}.not{color:#b3261e;font
 svg{background:#fafbfc;border:1px solid #e3e5ea}
 """
 
+_GREEN = "#0a7d32"
+_RED = "#b3261e"
+
+
+def _cell(value: object) -> str:
+    """A table cell's text: escaped, with a dash for what the events did not record."""
+    return "\u2014" if value is None else html.escape(str(value))
+
+
+def _seconds(value: object) -> str:
+    return "\u2014" if not isinstance(value, int | float) else f"{value:.1f}"
+
+
+def _failure_reason(details: dict[str, Any]) -> str | None:
+    """What went wrong: the error, or for a drill that ran, the checks that failed."""
+    if details.get("error"):
+        return str(details["error"])
+    failed = [str(c.get("name")) for c in details.get("checks") or [] if not c.get("passed")]
+    return f"check(s) failed: {', '.join(failed)}" if failed else None
+
 
 def _status(status: str) -> str:
     cls = {"met": "met", "not met": "not"}.get(status, "na")
@@ -54,68 +74,119 @@ def _status(status: str) -> str:
 
 def _timeline(backups: Sequence[dict[str, Any]], failures: Sequence[dict[str, Any]]) -> str:
     """One mark per backup (green) and per failure (red) along the period."""
-    points = [(b.get("completed_at") or "", "#0a7d32") for b in backups]
-    points += [(f.get("time") or "", "#b3261e") for f in failures]
+    points = [(b.get("completed_at") or "", _GREEN, f"backup {b.get('id')}") for b in backups]
+    points += [(f.get("time") or "", _RED, str(f.get("action"))) for f in failures]
     times = []
-    for text, color in points:
+    for text, color, what in points:
         try:
-            times.append((datetime.fromisoformat(text), color))
+            when = datetime.fromisoformat(text)
         except ValueError:
             continue
+        times.append((when if when.tzinfo else when.replace(tzinfo=UTC), color, what))
     if not times:
         return "<p>No backups or failures in the period.</p>"
-    lo = min(t for t, _ in times)
-    hi = max(t for t, _ in times)
+    lo = min(t for t, _, _ in times)
+    hi = max(t for t, _, _ in times)
     span = max((hi - lo).total_seconds(), 1.0)
     marks = "".join(
         f'<circle cx="{20 + 660 * (t - lo).total_seconds() / span:.1f}" cy="30" r="6" '
-        f'fill="{color}"><title>{html.escape(t.isoformat())}</title></circle>'
-        for t, color in times
+        f'fill="{color}" fill-opacity="0.8"><title>{html.escape(t.isoformat())} '
+        f"{html.escape(what)}</title></circle>"
+        for t, color, what in times
     )
     return (
-        f'<svg width="700" height="60" role="img" aria-label="timeline">'
+        f'<svg width="700" height="74" role="img" aria-label="timeline">'
         f'<line x1="20" y1="30" x2="680" y2="30" stroke="#99a"/>{marks}'
         f'<text x="20" y="55" font-size="11">{html.escape(lo.isoformat()[:16])}</text>'
         f'<text x="680" y="55" font-size="11" text-anchor="end">'
-        f"{html.escape(hi.isoformat()[:16])}</text></svg>"
+        f"{html.escape(hi.isoformat()[:16])}</text>"
+        f'<text x="350" y="70" font-size="10" fill="#555" text-anchor="middle">'
+        "green: backup completed · red: failure</text></svg>"
     )
 
 
-def _rto_chart(restores: Sequence[dict[str, Any]], rto_s: float | None) -> str:
-    durations = [
-        (
-            r["seq"],
-            float(r["details"].get("duration_s", r["details"].get("rto_s")) or 0.0),
-            r["outcome"],
-        )
-        for r in restores
-    ]
-    if not durations:
-        return "<p>No restores in the period.</p>"
-    top = max([d for _, d, _ in durations] + [rto_s or 0.0, 1.0])
-    bars = []
-    for i, (seq, seconds, outcome) in enumerate(durations):
-        width = 560 * seconds / top
-        color = "#0a7d32" if outcome == "ok" and (rto_s is None or seconds <= rto_s) else "#b3261e"
-        y = 10 + 24 * i
-        bars.append(
-            f'<text x="5" y="{y + 13}" font-size="11">#{seq}</text>'
-            f'<rect x="60" y="{y}" width="{width:.1f}" height="16" fill="{color}"/>'
-            f'<text x="{66 + width:.1f}" y="{y + 13}" font-size="11">{seconds:.1f}s</text>'
-        )
-    height = 20 + 24 * len(durations)
-    target = ""
-    if rto_s is not None:
-        x = 60 + 560 * rto_s / top
-        target = (
-            f'<line x1="{x:.1f}" y1="0" x2="{x:.1f}" y2="{height}" stroke="#333" '
-            f'stroke-dasharray="4"/><text x="{x + 4:.1f}" y="{height - 4}" font-size="11">'
-            f"RTO {rto_s:g}s</text>"
-        )
+def _bar_chart(
+    rows: Sequence[tuple[str, float | None, float | None, bool]], *, label: str, unit: str = "s"
+) -> str:
+    """Horizontal bars: (row label, value, target, passed). A row's target is a dashed tick
+    across its bar, so drills judged by different targets (a policy changed) still read right;
+    a missing value is drawn as an empty row marked "not measured"."""
+    top = max([v or 0.0 for _, v, _, _ in rows] + [t or 0.0 for _, _, t, _ in rows] + [1.0])
+    x0, scale = 150, 480
+    parts = []
+    labelled: set[float] = set()
+    for i, (name, value, target, passed) in enumerate(rows):
+        y = 10 + 26 * i
+        parts.append(f'<text x="5" y="{y + 13}" font-size="11">{html.escape(name)}</text>')
+        if value is None:
+            parts.append(f'<text x="{x0}" y="{y + 13}" font-size="11">not measured</text>')
+        else:
+            width = scale * value / top
+            color = _GREEN if passed else _RED
+            parts.append(
+                f'<rect x="{x0}" y="{y}" width="{width:.1f}" height="18" fill="{color}">'
+                f"<title>{html.escape(name)}: {value:.1f}{unit}</title></rect>"
+                f'<text x="{x0 + 6 + width:.1f}" y="{y + 13}" font-size="11">'
+                f"{value:.1f}{unit}</text>"
+            )
+        if target is not None:
+            x = x0 + scale * target / top
+            parts.append(
+                f'<line x1="{x:.1f}" y1="{y - 3}" x2="{x:.1f}" y2="{y + 21}" stroke="#333" '
+                f'stroke-dasharray="3"><title>target {target:g}{unit}</title></line>'
+            )
+            if target not in labelled:
+                labelled.add(target)
+                parts.append(
+                    f'<text x="{x + 4:.1f}" y="{y + 13}" font-size="10" fill="#333">'
+                    f"target {target:g}{unit}</text>"
+                )
+    height = 20 + 26 * len(rows)
+    legend = (
+        f'<text x="{x0}" y="{height - 2}" font-size="10" fill="#555">'
+        "dashed: target · green: met · red: missed or failed</text>"
+    )
     return (
-        f'<svg width="700" height="{height}" role="img" aria-label="restore times">'
-        f"{''.join(bars)}{target}</svg>"
+        f'<svg width="700" height="{height + 8}" role="img" aria-label="{html.escape(label)}">'
+        f"{''.join(parts)}{legend}</svg>"
     )
+
+
+def _restore_chart(restores: Sequence[dict[str, Any]], rto_s: float | None) -> str:
+    if not restores:
+        return "<p>No restores in the period.</p>"
+    rows = []
+    for r in restores:
+        seconds = r["details"].get("duration_s", r["details"].get("rto_s"))
+        value = None if seconds is None else float(seconds)
+        ok = r["outcome"] == "ok" and (rto_s is None or (value is not None and value <= rto_s))
+        rows.append((f"#{r['seq']} {r['action'].split('.')[0]}", value, rto_s, ok))
+    return _bar_chart(rows, label="restore times against the RTO")
+
+
+def _drill_charts(drills: Sequence[dict[str, Any]]) -> str:
+    """RTO and RPO of each drill against the targets it was judged by."""
+    if not drills:
+        return "<p>No drills in the period.</p>"
+    charts = []
+    for metric in ("rto", "rpo"):
+        rows = []
+        for d in drills:
+            value = d.get(f"{metric}_s")
+            target = (d.get("targets") or {}).get(f"{metric}_s")
+            checks = {c["name"]: c.get("passed") for c in d.get("checks", [])}
+            ok = bool(checks.get(metric, d["passed"])) if value is not None else False
+            rows.append(
+                (
+                    f"{str(d['time'])[5:16].replace('T', ' ')} {'pass' if d['passed'] else 'FAIL'}",
+                    None if value is None else float(value),
+                    None if target is None else float(target),
+                    ok,
+                )
+            )
+        charts.append(f"<h4>{metric.upper()} of each drill</h4>")
+        charts.append(_bar_chart(rows, label=f"drill {metric.upper()} against the target"))
+    return "".join(charts)
 
 
 def to_html(doc: dict[str, Any], rto_by_policy: dict[str, float | None]) -> str:
@@ -144,7 +215,7 @@ def to_html(doc: dict[str, Any], rto_by_policy: dict[str, float | None]) -> str:
         parts.append("</table><h3>Timeline</h3>")
         parts.append(_timeline(pol["backups"], pol["failures"]))
         parts.append("<h3>Restores against the RTO</h3>")
-        parts.append(_rto_chart(pol["restores"], rto_by_policy.get(name)))
+        parts.append(_restore_chart(pol["restores"], rto_by_policy.get(name)))
         parts.append("<h3>Backups</h3><table><tr><th>id</th><th>completed</th><th>bytes</th>")
         parts.append("<th>copies (region, lock)</th><th>outcome</th></tr>")
         for b in pol["backups"]:
@@ -154,12 +225,14 @@ def to_html(doc: dict[str, Any], rto_by_policy: dict[str, float | None]) -> str:
                 for d, v in b["destinations"].items()
             )
             parts.append(
-                f"<tr><td class=mono>{html.escape(str(b['id']))}</td>"
-                f"<td>{html.escape(str(b['completed_at']))}</td>"
-                f"<td>{html.escape(str(b['plaintext_bytes']))}</td>"
+                f"<tr><td class=mono>{_cell(b['id'])}</td>"
+                f"<td>{_cell(b['completed_at'])}</td>"
+                f"<td>{_cell(b['plaintext_bytes'])}</td>"
                 f"<td>{html.escape(copies)}</td><td>{html.escape(b['outcome'])}</td></tr>"
             )
-        parts.append("</table><h3>Drills</h3><table><tr><th>drill</th><th>from</th>")
+        parts.append("</table><h3>Drills: RTO and RPO against the targets</h3>")
+        parts.append(_drill_charts(pol.get("drills", [])))
+        parts.append("<table><tr><th>drill</th><th>from</th>")
         parts.append("<th>restore point</th><th>RTO / RPO (s)</th><th>checks</th><th>result</th>")
         parts.append("</tr>")
         for d in pol.get("drills", []):
@@ -167,11 +240,14 @@ def to_html(doc: dict[str, Any], rto_by_policy: dict[str, float | None]) -> str:
             checks = f"{len(d['checks'])} run" + (
                 f", failed: {', '.join(failed)}" if failed else ""
             )
+            if d.get("error") and not failed:
+                checks += f"; {d['error']}"
             parts.append(
-                f"<tr><td class=mono>{html.escape(str(d['drill_id']))}</td>"
-                f"<td>{html.escape(str(d['destination']))}</td>"
-                f"<td>{html.escape(str(d['restore_point']))}</td>"
-                f"<td>{d['rto_s']} / {d['rpo_s']}</td><td>{html.escape(checks)}</td>"
+                f"<tr><td class=mono>{_cell(d['drill_id'])}</td>"
+                f"<td>{_cell(d['destination'])}</td>"
+                f"<td>{_cell(d['restore_point'])}</td>"
+                f"<td>{_seconds(d['rto_s'])} / {_seconds(d['rpo_s'])}</td>"
+                f"<td>{html.escape(checks)}</td>"
                 + (
                     '<td><span class="met">passed</span></td>'
                     if d["passed"]
@@ -185,7 +261,7 @@ def to_html(doc: dict[str, Any], rto_by_policy: dict[str, float | None]) -> str:
             parts.append(
                 f"<tr><td>{f['seq']}</td><td>{html.escape(f['time'])}</td>"
                 f"<td>{html.escape(f['action'])}</td>"
-                f"<td>{html.escape(str(f['details'].get('error', '')))}</td></tr>"
+                f"<td>{_cell(_failure_reason(f['details']))}</td></tr>"
             )
         parts.append("</table>")
     parts.append("</body></html>")

@@ -64,6 +64,24 @@ def _events() -> list[AuditEvent]:
         event(2, "backup.completed", destinations_ok=["p"], completed_at=start.isoformat()),
         event(3, "backup.failed", "failed", error="<script>alert(1)</script>", exit_code=14),
         event(4, "restore.completed", duration_s=12.5, fingerprint_checked=True),
+        event(
+            5,
+            "drill.completed",
+            rto_s=42.0,
+            rpo_s=3.0,
+            targets={"rto_s": 60.0, "rpo_s": 300.0},
+            checks=[{"name": "rto", "passed": True}, {"name": "rpo", "passed": True}],
+        ),
+        event(
+            6,
+            "drill.failed",
+            "failed",
+            rto_s=None,
+            rpo_s=None,
+            targets={"rto_s": 60.0, "rpo_s": 300.0},
+            checks=[],
+            error="image <x> missing",
+        ),
     ]
 
 
@@ -85,8 +103,12 @@ def test_report_is_well_formed_self_contained_and_escaped() -> None:
     assert checker.external == []
     assert "<script>" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-    assert page.count("<svg") == 2  # timeline and restore times
-    assert "RTO 60s" in page
+    # timeline, restore times, and the drills' RTO and RPO
+    assert page.count("<svg") == 4
+    # the restore and the passing drill among restores, both drills on the RTO chart
+    assert page.count("<title>target 60s</title>") == 4
+    assert page.count("not measured") == 2  # the failed drill measured neither
+    assert 'aria-label="drill RPO against the target"' in page
 
 
 def test_csv_has_one_row_per_event_and_a_header() -> None:
