@@ -51,6 +51,13 @@ class Settings(BaseSettings):
         gt=0,
         description="seconds between the daemon's checks of each policy's RPO and destinations",
     )
+    audit_ship_interval: float = Field(
+        default=900.0,
+        gt=0,
+        description="seconds between the daemon's runs of `drbot audit ship`, which copies the "
+        "audit trail to every destination and anchors its head there (a cut of the trail's tail "
+        "is detectable from storage for everything shipped); the daemon also ships when it stops",
+    )
     alert_webhook: str | None = Field(
         default=None, description="webhook for every policy's alerts (Slack-compatible JSON)"
     )

@@ -14,6 +14,9 @@ job does is decided there, once. What lives here is when and whether jobs run:
 - `incremental: continuous` runs a supervised `drbot wal stream`.
 - Every `check_interval`: the newest restorable point (`drbot list --json`: RPO) and whether
   each destination answers; alerts for RPO over target and a streamer down.
+- Every `audit_ship_interval`, and once more when stopping: `drbot audit ship`, so the trail's
+  head is anchored in every destination (daemon-wide, whether or not a lease is held: each
+  daemon ships its own trail).
 - SIGTERM: no new runs; running jobs get `grace_period` to finish, then SIGINT (they clean up
   and exit), then SIGKILL; streamers stop at once (shipping their unfinished segment); leases
   are released; exit 0. SIGINT (Ctrl-C) does the same without the grace period. SIGHUP
@@ -55,11 +58,16 @@ from drbot.errors import DrbotError, PolicyInvalid
 from drbot.ops.lease import Lease
 from drbot.policy import Policy
 from drbot.policy.cron import schedule_trigger
+from drbot.policy.schema import Alerts
 from drbot.settings import Settings
 from drbot.storage.base import Storage
 
 log = structlog.get_logger(__name__)
 
+AUDIT_SHIP = "audit-ship"
+"""The daemon-wide job's name (metrics label `job`, with `policy` empty)."""
+FINAL_SHIP_TIMEOUT_S = 30.0
+"""How long the last shipment at stop may take before it is abandoned (the next start ships)."""
 STREAMER_DOWN_ALERT_S = 120.0
 """A streamer not connected this long is alerted on (reconnects take seconds)."""
 CATCH_UP_MARGIN = 0.25
@@ -150,7 +158,9 @@ class Daemon:
         # Held while deciding to start a job and registering it, and while shutdown begins:
         # no job starts unseen by the shutdown.
         self._jobs_lock = threading.Lock()
-        self._outbox: queue.Queue[tuple[Alert, PolicyRuntime]] = queue.Queue()
+        self._outbox: queue.Queue[tuple[Alert, Alerts]] = queue.Queue()
+        self._ship_guard = threading.Lock()
+        self._shipper: JobProcess | None = None
         self._pending: set[Condition] = set()
         self._alert_lock = threading.Lock()
         self._running = False
@@ -202,6 +212,15 @@ class Daemon:
 
     def run(self) -> int:
         self.http.start()
+        self.scheduler.add_job(
+            self._ship_audit,
+            "interval",
+            seconds=self.settings.audit_ship_interval,
+            # Soon after start too: what happened while no daemon ran gets anchored.
+            next_run_time=self.clock.now() + timedelta(seconds=10),
+            id=AUDIT_SHIP,
+            name="audit ship",
+        )
         self.scheduler.start()
         self._record(
             "daemon.started",
@@ -276,7 +295,7 @@ class Daemon:
             and not (graceful and self._graceful is False)
         ):
             time.sleep(0.2)
-        self._abort_all([p for rt in self.runtimes.values() for p in rt.running.values()])
+        self._abort_all(self._all_jobs())
         for rt in self.runtimes.values():
             if rt.streamer is not None:
                 rt.streamer.finish_stop()
@@ -286,12 +305,19 @@ class Daemon:
             if rt.held:
                 rt.lease.release()
                 self.metrics.lease_held.labels(rt.policy.name).set(0)
-        self.http.stop()
         self._record("daemon.stopped", None, details={"graceful": graceful})
+        if graceful and self._graceful:
+            # Anchor the trail as it ends, daemon.stopped included; a Ctrl-C skips this.
+            self._ship_audit(final=True)
+        self.http.stop()
         log.info("daemon.stopped", graceful=graceful)
 
+    def _all_jobs(self) -> list[JobProcess]:
+        jobs = [p for rt in self.runtimes.values() for p in rt.running.values()]
+        return jobs + ([self._shipper] if self._shipper is not None else [])
+
     def _running_jobs(self) -> list[JobProcess]:
-        return [p for rt in self.runtimes.values() for p in rt.running.values() if p.running()]
+        return [p for p in self._all_jobs() if p.running()]
 
     def _abort_all(self, processes: list[JobProcess], timeout: float = 30.0) -> None:
         """Interrupt every running job at once (each cleans up), then kill what is left after
@@ -798,6 +824,73 @@ class Daemon:
             details=summary,
         )
 
+    # -- the audit trail ---------------------------------------------------------------------
+
+    def _ship_audit(self, *, final: bool = False) -> None:
+        """Run `drbot audit ship` (one at a time); failures are counted, logged and alerted
+        daemon-wide (the global webhook / e-mail), recovery too."""
+        if not self._ship_guard.acquire(blocking=False):
+            self.metrics.skipped.labels("", AUDIT_SHIP, "still_running").inc()
+            return
+        try:
+            process = JobProcess(
+                AUDIT_SHIP,
+                "",
+                drbot_command(["audit", "ship", "--json"]),
+                self.clock,
+                env=self._env,
+            )
+            with self._jobs_lock:
+                if self._stopping and not final:
+                    return
+                self._shipper = process
+                process.start()
+            self.metrics.running.labels("", AUDIT_SHIP).set(1)
+            try:
+                result = process.wait(FINAL_SHIP_TIMEOUT_S if final else None)
+                if result is None:  # only when final: stopping must not hang on a bucket
+                    process.interrupt()
+                    result = process.wait(5.0)
+                    if result is None:
+                        process.kill()
+                        result = process.wait()
+                    assert result is not None
+            finally:
+                self._shipper = None
+                self.metrics.running.labels("", AUDIT_SHIP).set(0)
+            self._account_ship(result)
+        finally:
+            self._ship_guard.release()
+
+    def _account_ship(self, result: JobResult) -> None:
+        m = self.metrics
+        m.runs.labels("", AUDIT_SHIP, result.outcome).inc()
+        m.last_duration.labels("", AUDIT_SHIP).set(result.duration_s)
+        out = result.output if isinstance(result.output, dict) else {}
+        summary: dict[str, Any] = {
+            "job": AUDIT_SHIP,
+            "outcome": result.outcome,
+            "exit_code": result.exit_code,
+            "duration_s": round(result.duration_s, 2),
+            "shipped_bytes": out.get("shipped_bytes"),
+        }
+        if result.ok:
+            m.last_success.labels("", AUDIT_SHIP).set(self.clock.now().timestamp())
+            log.info("job.completed", **summary)
+        else:
+            m.failures.labels("", AUDIT_SHIP, result.outcome).inc()
+            log.error("job.failed", error=result.error, **summary)
+        self._alert(
+            None,
+            "audit_ship_failed",
+            failing=not result.ok,
+            summary=f"the audit trail could not be shipped (exit {result.exit_code}, "
+            f"{exit_name(result.exit_code)}): {result.error or 'see the daemon log'}"
+            if not result.ok
+            else "the audit trail is shipped again",
+            details=summary,
+        )
+
     # -- missed runs -------------------------------------------------------------------------
 
     def _runs_file(self, name: str) -> Path:
@@ -843,14 +936,17 @@ class Daemon:
 
     def _alert(
         self,
-        rt: PolicyRuntime,
+        rt: PolicyRuntime | None,
         kind: str,
         *,
         failing: bool,
         summary: str,
         details: dict[str, Any],
     ) -> None:
-        condition = Condition(rt.policy.name, kind)
+        """Observe a condition of `rt`'s policy (None: daemon-wide, sent to the global
+        webhook/e-mail only) and queue the alert it calls for, if any."""
+        routes = rt.policy.alerts if rt is not None else Alerts()
+        condition = Condition(rt.policy.name if rt is not None else "", kind)
         with self._alert_lock:
             if condition in self._pending:
                 return  # one delivery of this condition is already on its way
@@ -859,19 +955,19 @@ class Daemon:
                 failing,
                 summary=summary,
                 details=details,
-                interval=rt.policy.alerts.interval,
+                interval=routes.interval,
             )
             if alert is None:
                 return
             self._pending.add(condition)
         # Delivered from one thread of its own: a webhook that hangs delays alerts, not jobs.
-        self._outbox.put((alert, rt))
+        self._outbox.put((alert, routes))
 
     def _send_alerts(self) -> None:
         while True:
-            alert, rt = self._outbox.get()
+            alert, routes = self._outbox.get()
             try:
-                if Notifier(rt.policy.alerts, self.settings).send(alert):
+                if Notifier(routes, self.settings).send(alert):
                     self.alerts.sent(alert)
                     labels = (alert.condition.policy, alert.condition.kind, alert.state)
                     self.metrics.alerts.labels(*labels).inc()

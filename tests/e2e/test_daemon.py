@@ -181,7 +181,13 @@ def test_daemon_backs_up_streams_prunes_drills_and_stops_cleanly_mid_backup(
     stop = threading.Event()
     writer = threading.Thread(target=_writer, args=(source.uri("app"), stop), daemon=True)
     writer.start()
-    daemon = Daemon(e2e, DRBOT_LEASE_TTL="6", DRBOT_GRACE_PERIOD="0.1", DRBOT_CHECK_INTERVAL="5")
+    daemon = Daemon(
+        e2e,
+        DRBOT_LEASE_TTL="6",
+        DRBOT_GRACE_PERIOD="0.1",
+        DRBOT_CHECK_INTERVAL="5",
+        DRBOT_AUDIT_SHIP_INTERVAL="20",
+    )
     try:
         v = daemon.value
         daemon.wait_for("/healthz", lambda: daemon.get("/healthz")[0] == 200, 30)
@@ -255,6 +261,20 @@ def test_daemon_backs_up_streams_prunes_drills_and_stops_cleanly_mid_backup(
     assert actions[-1] == "daemon.stopped" or "daemon.stopped" in actions[-5:]
     failed = [ev for ev in events if ev["action"] == "backup.failed"]
     assert failed and failed[-1]["details"]["exit_code"] == 130
+
+    # The trail was shipped while running and once more at the stop: the anchor in each
+    # region is the trail's last event, after daemon.stopped.
+    ships = [e for e in daemon.events() if e.get("job") == "audit-ship"]
+    assert len(ships) >= 2 and all(e["outcome"] == "ok" for e in ships), ships
+    last_stop = max(i for i, a in enumerate(actions) if a == "daemon.stopped")
+    assert actions[last_stop + 1] == "audit.shipping"  # then this test's own commands
+    for index in (0, 1):
+        anchors = [k for k in e2e.objects(index) if "/anchors/" in k]
+        newest = max(int(k.rsplit("/", 1)[1].removesuffix(".json")) for k in anchors)
+        assert newest == events[last_stop + 1]["seq"]
+    for destination in ("primary", "replica"):
+        res = e2e.run("audit", "verify", "--from", destination)
+        assert res.returncode == 0, res.stdout + res.stderr
 
 
 LOGICAL_POLICY = """\
