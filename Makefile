@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both set everything up first.
-.PHONY: demo test check lint typecheck unit contract integration e2e bench lock bootstrap images image browser clean
+.PHONY: demo test check lint typecheck unit contract integration e2e bench lock bootstrap images image browser bench-peers bench-stages clean
 
 VENV := .venv/bin
 PYTEST_ARGS ?=
@@ -22,7 +22,7 @@ image: bootstrap
 browser:
 	./scripts/browser.sh
 
-test: bootstrap images browser check
+test: bootstrap images browser bench-peers check
 	$(VENV)/pytest $(PYTEST_ARGS)
 
 check: lint typecheck
@@ -37,8 +37,19 @@ typecheck:
 unit contract integration e2e: bootstrap images browser
 	$(VENV)/pytest tests/$@ $(PYTEST_ARGS)
 
-# Throughput of backup/restore against pg_dump alone, and of each stage (JSON lines).
-bench: bootstrap
+# drbot against pgBackRest, pg_dump and the read + compress limit, in one run, then the RPO
+# under a steady pgbench load; both append to docs/benchmarks.md. BENCH_SIZE (1.5GB; 10GB for
+# the large run), BENCH_ROUNDS (3), BENCH_RPO_MINUTES (5).
+bench: bootstrap bench-peers
+	$(VENV)/python -m bench.compare
+	$(VENV)/python -m bench.rpo --minutes $${BENCH_RPO_MINUTES:-5}
+
+# The peers the benchmark runs (pgBackRest, a TLS proxy for it, zstd, GNU time).
+bench-peers:
+	./scripts/bench-peers.sh
+
+# In-process stages (fingerprint, zstd, AES-GCM) and drbot against pg_dump alone (JSON lines).
+bench-stages: bootstrap
 	$(VENV)/python bench/backup_throughput.py $(BENCH_ROWS)
 
 # Regenerate the lock files after changing dependencies in pyproject.toml.
