@@ -48,6 +48,7 @@ from drbot.ops.artifacts import read_artifact
 from drbot.ops.backup import Counted
 from drbot.ops.walfetch import SpoolProgress, fail_spool_file, fetch_wal_file, put_spool_file
 from drbot.ops.walstore import KeyCache, WalScan, read_history, scan_wal, with_heartbeats
+from drbot.pipeline.prefetch import prefetch
 from drbot.storage.base import Storage
 
 log = structlog.get_logger(__name__)
@@ -342,22 +343,30 @@ def _check_reach(policy: str, target: Target, entry: BackupEntry, window: Window
 
 
 class _ChunkReader:
-    """A file-like object over an iterator of chunks, for tarfile's stream mode."""
+    """A file-like object over an iterator of chunks, for tarfile's stream mode.
+
+    tarfile reads 10 KiB at a time from chunks of a megabyte or more: taking each read off the
+    front of a bytearray (which CPython does without moving the rest) keeps that linear, where
+    slicing an immutable buffer copied the remainder on every read.
+    """
 
     def __init__(self, chunks: Iterator[bytes]) -> None:
         self._chunks = chunks
-        self._buf = b""
+        self._buf = bytearray()
+        self._eof = False
 
     def read(self, n: int = -1) -> bytes:
-        while n < 0 or len(self._buf) < n:
+        while (n < 0 or len(self._buf) < n) and not self._eof:
             try:
                 self._buf += next(self._chunks)
             except StopIteration:
-                break
-        if n < 0:
-            out, self._buf = self._buf, b""
-        else:
-            out, self._buf = self._buf[:n], self._buf[n:]
+                self._eof = True
+        if n < 0 or n >= len(self._buf):
+            out = bytes(self._buf)
+            self._buf.clear()
+            return out
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
         return out
 
 
@@ -380,8 +389,10 @@ def unpack_base(
         rec = copy.manifest.artifact("base.tar")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(mode=0o700, parents=True)
+        # Reading, authenticating and decompressing in a thread of their own overlaps them
+        # with writing the files (zstd and the file writes release the GIL).
+        chunks = prefetch(read_artifact(storages[name], rec, copy.data_key), depth=8)
         try:
-            chunks = read_artifact(storages[name], rec, copy.data_key)
             counted = Counted(chunks, rec.name, progress)
             with tarfile.open(fileobj=_ChunkReader(iter(counted)), mode="r|") as tar:  # type: ignore[call-overload]
                 tar.extractall(staging, filter="data")
@@ -394,6 +405,8 @@ def unpack_base(
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)  # no decrypted data left behind
             raise
+        finally:
+            chunks.close()  # stops the reading thread, whatever ended the unpacking
     shutil.rmtree(staging, ignore_errors=True)
     raise IntegrityFailure(
         "no copy of base backup "

@@ -429,6 +429,35 @@ def test_a_corrupt_wal_segment_stops_the_restore_and_leaves_no_server(
     archive.restore()
 
 
+def test_a_corrupt_base_backup_copy_falls_back_to_the_other_region(scenario: Scenario) -> None:
+    """A flipped byte in the middle of the first region's base.tar stops the unpacking there
+    (the reading thread's authentication failure reaches the unpacker) and the restore takes
+    the other region's copy; with both damaged it fails and leaves nothing behind."""
+    east = scenario.s3.client("s3", "us-east-1")
+    listing = east.list_objects_v2(Bucket=scenario.buckets[0], Prefix="pitr/pitr/backups/")
+    base = next(o["Key"] for o in listing["Contents"] if o["Key"].endswith("/base.tar.zst.enc"))
+    archive = _Archive(scenario)
+    archive.corrupt(0, base)
+    try:
+        res, target = scenario.restore("--latest")
+        assert res.returncode == 0, res.stderr
+        assert "restore.copy_failed" in res.stderr and "east" in res.stderr
+        out = json.loads(res.stdout)
+        assert out["source"] == "west"
+        assert scenario.restored_seqs(out["port"])
+        scenario.stop_restored(target)
+
+        archive.corrupt(1, base)
+        res, target = scenario.restore("--latest")
+        assert res.returncode == 13, (res.returncode, res.stderr)
+        assert "could be unpacked" in res.stderr
+        assert not target.exists()
+        leftovers = [p.name for p in scenario.base.iterdir() if p.name.endswith("-staging")]
+        assert not leftovers
+    finally:
+        archive.restore()
+
+
 def test_wal_fetch_and_push_for_restore_and_archive_commands(scenario: Scenario) -> None:
     name = _wal_keys(scenario)[1].rsplit("/", 1)[1].split(".")[0]
     got = scenario.base / "fetched" / name
