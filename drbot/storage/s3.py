@@ -98,7 +98,7 @@ class S3Storage:
         *,
         endpoint_url: str | None = None,
         object_lock: ObjectLock | None = None,
-        part_size: int = 16 * MiB,
+        part_size: int = 8 * MiB,
         max_attempts: int = 5,
         connect_timeout_s: float = 10.0,
         read_timeout_s: float = 60.0,
