@@ -829,7 +829,11 @@ class Daemon:
     def _ship_audit(self, *, final: bool = False) -> None:
         """Run `drbot audit ship` (one at a time); failures are counted, logged and alerted
         daemon-wide (the global webhook / e-mail), recovery too."""
-        if not self._ship_guard.acquire(blocking=False):
+        # The last shipment waits a little for a regular one the shutdown just interrupted.
+        acquired = (
+            self._ship_guard.acquire(timeout=10.0) if final else self._ship_guard.acquire(False)
+        )
+        if not acquired:
             self.metrics.skipped.labels("", AUDIT_SHIP, "still_running").inc()
             return
         try:
@@ -874,6 +878,9 @@ class Daemon:
             "duration_s": round(result.duration_s, 2),
             "shipped_bytes": out.get("shipped_bytes"),
         }
+        if self._stopping and result.exit_code in (130, -2, -15):
+            log.warning("job.interrupted", **summary)  # by the shutdown: not a failure
+            return
         if result.ok:
             m.last_success.labels("", AUDIT_SHIP).set(self.clock.now().timestamp())
             log.info("job.completed", **summary)
