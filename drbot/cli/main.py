@@ -87,6 +87,10 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI and exit with drbot's documented exit codes."""
     signal.signal(signal.SIGTERM, _terminate)
+    # SIGINT interrupts and cleans up even when drbot was started with it ignored (a script's
+    # background job inherits SIGINT ignored, and Python then keeps it so): the daemon and
+    # people stop drbot with it, and an ignored interrupt would let a job run on.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     parent = os.environ.pop(DIE_WITH_ENV, None)  # popped: not for grandchildren (postgres)
     if parent is not None and parent.isdigit() and not die_with(int(parent)):
         sys.exit(EXIT_INTERRUPTED)
