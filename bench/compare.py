@@ -179,7 +179,7 @@ class Bench:
                 "s3", peers.S3Repo(bucket="pgbackrest-bench", port=self.proxy.port)
             )
             configs.append(self.pgb_s3)
-        pushes = " && ".join(peers.archive_settings(c, STANZA)["archive_command"] for c in configs)
+        pushes = " && ".join(peers.archive_command(c, STANZA) for c in configs)
         with psycopg.connect(self.pg.uri(), autocommit=True) as conn:
             conn.execute("ALTER SYSTEM SET archive_mode = on")
             conn.execute(f"ALTER SYSTEM SET archive_command = '{pushes}'".encode())
@@ -255,7 +255,7 @@ class Bench:
                             f"pgBackRest process-max {pm} → {label}",
                             "backup",
                             self._pgb_backup(config, pm),
-                            stored=self._pgb_stored(config, label),
+                            stored=self._pgb_stored(config),
                         )
                     )
                 self.cases.append(
@@ -326,9 +326,7 @@ class Bench:
 
     def _pg_restore(self) -> Callable[[int], Measurement]:
         def run(round_: int) -> Measurement:
-            dump = self.work / "bench.pgdump"
-            if not dump.exists():
-                self._pg_dump()(round_)
+            dump = self.work / "bench.pgdump"  # this round's `pg_dump -Fc` case wrote it
             db = f"pg_restored_{round_}"
             with psycopg.connect(self.pg.uri(), autocommit=True) as conn:
                 conn.execute(f'CREATE DATABASE "{db}"'.encode())
@@ -372,14 +370,10 @@ class Bench:
 
         return size
 
-    def _pgb_stored(self, config: Path, label: str) -> Callable[[], int]:
+    def _pgb_stored(self, config: Path) -> Callable[[], int]:
         def size() -> int:
             out = subprocess.run(
-                [
-                    *peers.backup_argv(config, STANZA, run_as=self.owner)[:-2],
-                    "--output=json",
-                    "info",
-                ],
+                peers.info_argv(config, STANZA, run_as=self.owner),
                 capture_output=True,
                 text=True,
                 check=True,

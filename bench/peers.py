@@ -6,8 +6,8 @@ pgBackRest only speaks HTTPS to S3 and moto's server only plain HTTP, so `TlsPro
 throwaway stunnel in front of moto; pgBackRest is told not to verify the certificate.
 
 What the PostgreSQL server needs (the simplest setup that restores, measured by hand):
-  - WAL archiving to the same stanza, set before the first backup: `archive_settings()` gives
-    archive_mode=on (needs a restart) and archive_command=`pgbackrest ... archive-push %p`.
+  - WAL archiving to the same stanza, set before the first backup: archive_mode=on (needs a
+    restart) and `archive_command()`, i.e. `pgbackrest ... archive-push %p`.
     Without archiving a physical backup cannot be made consistent, and pgBackRest's backup
     waits for (archive-check) and copies (archive-copy) the WAL written during the backup.
   - wal_level=replica (PostgreSQL's default; LocalPostgres sets it too).
@@ -267,20 +267,24 @@ def pgbackrest_config(
     return config
 
 
+def _binary() -> str:
+    return shutil.which("pgbackrest") or "pgbackrest"
+
+
 def _pgbackrest(config: Path, stanza: str, run_as: str | None) -> list[str]:
     prefix = [] if run_as is None else ["runuser", "-u", run_as, "--"]
-    binary = shutil.which("pgbackrest") or "pgbackrest"
-    return [*prefix, binary, f"--config={config}", f"--stanza={stanza}"]
+    return [*prefix, _binary(), f"--config={config}", f"--stanza={stanza}"]
 
 
-def archive_settings(config: Path, stanza: str) -> dict[str, str]:
-    """PostgreSQL settings for the source server (archive_mode needs a restart)."""
-    binary = shutil.which("pgbackrest") or "pgbackrest"
-    return {
-        "archive_mode": "on",
-        "archive_command": f"{binary} --config={config} --stanza={stanza} archive-push %p",
-        "wal_level": "replica",
-    }
+def archive_command(config: Path, stanza: str) -> str:
+    """The source server's archive_command for this repository (with archive_mode=on, which
+    needs a restart)."""
+    return f"{_binary()} --config={config} --stanza={stanza} archive-push %p"
+
+
+def info_argv(config: Path, stanza: str, *, run_as: str | None = None) -> list[str]:
+    """The repository's backups as JSON (`[{"backup": [...]}]`, oldest first)."""
+    return [*_pgbackrest(config, stanza, run_as), "--output=json", "info"]
 
 
 def stanza_create_argv(config: Path, stanza: str, *, run_as: str | None = None) -> list[str]:

@@ -63,8 +63,12 @@ def _failure_reason(details: dict[str, Any]) -> str | None:
     """What went wrong: the error, or for a drill that ran, the checks that failed."""
     if details.get("error"):
         return str(details["error"])
-    failed = [str(c.get("name")) for c in details.get("checks") or [] if not c.get("passed")]
+    failed = _failed_checks(details.get("checks") or [])
     return f"check(s) failed: {', '.join(failed)}" if failed else None
+
+
+def _failed_checks(checks: Sequence[dict[str, Any]]) -> list[str]:
+    return [str(c.get("name")) for c in checks if not c.get("passed")]
 
 
 def _status(status: str) -> str:
@@ -236,7 +240,7 @@ def to_html(doc: dict[str, Any], rto_by_policy: dict[str, float | None]) -> str:
         parts.append("<th>restore point</th><th>RTO / RPO (s)</th><th>checks</th><th>result</th>")
         parts.append("</tr>")
         for d in pol.get("drills", []):
-            failed = [c["name"] for c in d["checks"] if not c.get("passed")]
+            failed = _failed_checks(d["checks"])
             checks = f"{len(d['checks'])} run" + (
                 f", failed: {', '.join(failed)}" if failed else ""
             )

@@ -68,6 +68,8 @@ AUDIT_SHIP = "audit-ship"
 """The daemon-wide job's name (metrics label `job`, with `policy` empty)."""
 FINAL_SHIP_TIMEOUT_S = 30.0
 """How long the last shipment at stop may take before it is abandoned (the next start ships)."""
+INTERRUPTED_EXITS = (130, -2, -15)
+"""How a job ends when the daemon interrupts it: drbot's exit 130, or killed by SIGINT/SIGTERM."""
 STREAMER_DOWN_ALERT_S = 120.0
 """A streamer not connected this long is alerted on (reconnects take seconds)."""
 CATCH_UP_MARGIN = 0.25
@@ -731,8 +733,7 @@ class Daemon:
 
     def _ours(self, rt: PolicyRuntime, result: JobResult) -> bool:
         """Whether the run ended because the daemon stopped it (not a failure of the job)."""
-        interrupted = result.exit_code in (130, -2, -15)
-        return interrupted and (
+        return result.exit_code in INTERRUPTED_EXITS and (
             self._stopping or rt.retiring or not rt.held or not rt.lease.valid()
         )
 
@@ -878,7 +879,7 @@ class Daemon:
             "duration_s": round(result.duration_s, 2),
             "shipped_bytes": out.get("shipped_bytes"),
         }
-        if self._stopping and result.exit_code in (130, -2, -15):
+        if self._stopping and result.exit_code in INTERRUPTED_EXITS:
             log.warning("job.interrupted", **summary)  # by the shutdown: not a failure
             return
         if result.ok:
