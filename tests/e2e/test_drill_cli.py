@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Env
+from tests.e2e.conftest import DRBOT, Env
 from tests.fixtures.docker import drill_containers
 
 pytestmark = pytest.mark.e2e
@@ -115,6 +116,38 @@ def test_interrupted_drill_leaves_nothing_behind(e2e: Env, docker_image: str) ->
     assert not drill_containers() and not _leftover_workdirs()
     hist = json.loads(e2e.run("drill", "history", "--policy", "shop", "--json").stdout)
     assert hist and hist[-1]["error"]["exit_code"] == 130
+
+
+def test_sigint_interrupts_a_drill_started_with_sigint_ignored(e2e: Env) -> None:
+    """A script's background job inherits SIGINT ignored; drbot still takes SIGINT as an
+    interrupt (the daemon and people stop jobs with it) instead of running on to the end."""
+    _add_drill(
+        e2e,
+        "drill:\n  checks:\n    - name: slow\n      sql: SELECT pg_sleep(60) IS NOT NULL\n",
+    )
+    assert e2e.run("backup", "--policy", "shop").returncode == 0
+    proc = subprocess.Popen(
+        [DRBOT, "drill", "--policy", "shop", "--sandbox", "process"],
+        env=e2e.env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # noqa: PLW1509
+    )
+    assert proc.stderr is not None
+    seen = ""
+    for line in proc.stderr:
+        seen += line
+        if "Checking the restored data" in line:
+            break
+    time.sleep(1)  # inside the 60 s check
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, seen + err
+    assert time.monotonic() - started < 30, "the check ran on instead of being interrupted"
+    assert not _leftover_workdirs()
 
 
 def test_logical_drill_in_the_process_sandbox(e2e: Env) -> None:
