@@ -123,3 +123,11 @@ class Interrupted(DrbotError):
     """The work was interrupted (Ctrl-C, SIGTERM) and cleaned up."""
 
     exit_code = 130
+
+
+class ChangeHistoryLost(NoRestorePoint):
+    """The source no longer holds the change history needed to continue without a gap.
+
+    MongoDB answers ChangeStreamHistoryLost when a resume point has left its oplog window; the
+    changes in between are gone for good and only a new full backup closes the gap.
+    """

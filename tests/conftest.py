@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.pg",
     "tests.fixtures.docker",
     "tests.fixtures.browser",
+    "tests.fixtures.mongo",
 ]

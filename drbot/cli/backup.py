@@ -125,12 +125,18 @@ def command(policy_name: str, backup_type: str, policies_dir: Path | None, as_js
         )
     else:
         stored = max(result.stored_bytes.values(), default=0)
-        what = (
-            f"cluster on timeline {result.positions['timeline']}, WAL "
-            f"{result.positions['start_lsn']}..{result.positions['stop_lsn']}"
-            if result.positions
-            else f"{len(result.databases)} database(s)"
-        )
+        pos = result.positions
+        if "timeline" in pos:
+            what = (
+                f"cluster on timeline {pos['timeline']}, WAL {pos['start_lsn']}..{pos['stop_lsn']}"
+            )
+        elif "consistent_at" in pos:
+            what = (
+                f"{len(result.databases)} database(s), consistent at {pos['consistent_at']} "
+                f"({pos['events']} change(s) during the dump)"
+            )
+        else:
+            what = f"{len(result.databases)} database(s)"
         click.echo(
             f"Backup {result.backup_id} of {policy.name}: {what}, "
             f"{human_bytes(result.plaintext_bytes)} read, {human_bytes(stored)} stored "

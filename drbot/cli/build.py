@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from drbot.engines.base import Engine
-from drbot.errors import PolicyInvalid, UsageError
+from drbot.engines.base import BackupSource, Engine
+from drbot.errors import UsageError
 from drbot.ops.backup import BackupSettings
 from drbot.pipeline.keyref import key_provider_from_ref
 from drbot.pipeline.keys import KeyProvider
@@ -50,11 +50,14 @@ def build_keys(policy: Any) -> KeyProvider:
     )
 
 
-def build_engine(policy: Any) -> Engine:
-    if policy.source.kind != "postgresql":
-        raise PolicyInvalid(
-            f"{policy.name}: source.kind {policy.source.kind!r} is not supported yet",
-            hint="MongoDB support is being built; use a postgresql source for now",
+def build_engine(policy: Any) -> BackupSource:
+    if policy.source.kind == "mongodb":
+        from drbot.engines.mongodb.engine import MongoEngine
+
+        return MongoEngine(
+            policy.source.uri,
+            policy.source.databases,
+            wants_incrementals=policy.schedule.incremental is not None,
         )
     from drbot.engines.postgres.engine import PostgresEngine
 

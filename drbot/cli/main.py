@@ -14,6 +14,7 @@ from drbot import __version__
 from drbot.cli import (
     audit,
     backup,
+    changes,
     daemon,
     demo,
     drill,
@@ -46,7 +47,7 @@ EXIT_STOP_RECOVERY = 255  # wal fetch: anything but "not archived" must stop Pos
 )
 @click.version_option(__version__, prog_name="drbot")
 def cli() -> None:
-    """drbot: encrypted, multi-region backups of PostgreSQL that prove they restore.
+    """drbot: encrypted, multi-region backups of PostgreSQL and MongoDB that prove they restore.
 
     \b
     Start here:
@@ -55,6 +56,7 @@ def cli() -> None:
       drbot policy validate                 check the policies in ./policies
       drbot backup --policy shop            take a full backup now
       drbot wal stream --policy shop        archive WAL continuously (physical policies)
+      drbot changes stream --policy orders  ship MongoDB change-stream slices continuously
       drbot list --policy shop              what can be restored, and to when
       drbot drill --policy shop             prove it: restore into a no-network container, check
       drbot restore --policy shop --to-dir /srv/pg/restored --at 2026-11-23T14:05:00Z --dry-run
@@ -68,6 +70,7 @@ for module in (
     verify,
     restore,
     wal,
+    changes,
     drill,
     prune,
     audit,

@@ -98,12 +98,19 @@ def _result_json(result: RestoreResult) -> dict[str, Any]:
     help="Physical backups: a new or empty directory to restore the cluster into.",
 )
 @click.option(
-    "--at", "at", default=None, help="--to-dir: restore to this time (ISO 8601 with zone)."
+    "--at",
+    "at",
+    default=None,
+    help="--to-dir, or --to with MongoDB: restore to this time (ISO 8601 with zone).",
 )
 @click.option(
     "--lsn", "lsn", default=None, help="--to-dir: restore to this WAL position (0/16B3748)."
 )
-@click.option("--latest", is_flag=True, help="--to-dir: replay all archived WAL [the default].")
+@click.option(
+    "--latest",
+    is_flag=True,
+    help="--to-dir / MongoDB: replay all archived WAL or stored changes [the default].",
+)
 @click.option("--start", is_flag=True, help="--to-dir: start the server, recover, promote.")
 @click.option("--port", type=int, default=None, help="--start: port on 127.0.0.1 [default: free].")
 @click.option(
@@ -129,6 +136,18 @@ def _result_json(result: RestoreResult) -> dict[str, Any]:
     "--with-globals", is_flag=True, help="Also create roles from the backup (best effort)."
 )
 @click.option("--no-owner", is_flag=True, help="Do not restore ownership and privileges.")
+@click.option(
+    "--ns",
+    "namespaces",
+    multiple=True,
+    metavar="DB[.COLL]",
+    help="MongoDB: restore only this database or collection (repeatable) [default: all].",
+)
+@click.option(
+    "--drop",
+    is_flag=True,
+    help="MongoDB: allow a non-empty target: drop the collections the restore writes first.",
+)
 @policies_option
 @json_option
 def command(
@@ -149,6 +168,8 @@ def command(
     replace: bool,
     with_globals: bool,
     no_owner: bool,
+    namespaces: tuple[str, ...],
+    drop: bool,
     policies_dir: Path | None,
     as_json: bool,
 ) -> None:
@@ -169,13 +190,50 @@ def command(
     recovery, promotes, and leaves the server running on 127.0.0.1:PORT.
 
     \b
+    MongoDB backups restore into a deployment, to any moment the stored change-stream slices
+    cover: --to mongodb://HOST [--at TIME | --latest] [--ns DB[.COLL] ...] [--drop].
+    Collections are created with their options, documents loaded, indexes built, the data
+    compared with the backup's fingerprint, then the changes replayed as ordinary writes up
+    to the target (a transaction whole or not at all).
+
+    \b
     Examples:
       drbot restore --policy shop --to postgresql://postgres@localhost/shop_check --dry-run
       drbot restore --policy shop --to postgresql://postgres@localhost/shop --from replica --yes
       drbot restore --policy shop --to-dir /srv/pg/restored --at 2026-11-23T14:05:00Z --start
+      drbot restore --policy orders --to mongodb://localhost:27017 --at 2026-11-23T14:05:00Z
     """
     settings = load_settings(policies_dir)
     policy = find_policy(settings, policy_name)
+    if policy.source.kind == "mongodb":
+        from drbot.cli.restore_mongo import restore_mongo
+
+        restore_mongo(
+            settings,
+            policy,
+            target_uri,
+            at=at,
+            latest=latest,
+            from_destination=from_destination,
+            ns=namespaces,
+            drop=drop,
+            dry_run=dry_run,
+            yes=yes,
+            as_json=as_json,
+            postgres_only={
+                "--to-dir": target_dir,
+                "--lsn": lsn,
+                "--start": start,
+                "--port": port,
+                "--run-as": run_as,
+                "--backup": backup_id,
+                "--database": database,
+                "--replace": replace,
+                "--with-globals": with_globals,
+            },
+        )
+        return
+    _refuse_mongo_options(namespaces, drop)
     if (target_uri is None) == (target_dir is None):
         raise UsageError(
             "give exactly one of --to URI (logical backups) and --to-dir PATH (physical)"
@@ -286,3 +344,8 @@ def _report(plan: RestorePlan, result: RestoreResult, *, as_json: bool) -> None:
             click.echo(f"Data check: all {result.tables} table(s) match the backup's fingerprint.")
         elif not result.fingerprint_checked:
             click.echo("Data check: the backup has no fingerprint to compare with.")
+
+
+def _refuse_mongo_options(namespaces: tuple[str, ...], drop: bool) -> None:
+    if namespaces or drop:
+        raise UsageError("--ns and --drop are for MongoDB policies")

@@ -118,12 +118,11 @@ class DumpStream(Protocol):
         ...
 
 
-class Engine(Protocol):
-    """A database kind: how to probe, dump, load and fingerprint it.
+class BackupSource(Protocol):
+    """What a full backup needs of a database kind.
 
-    Errors: `SourceUnavailable` when the database (source or restore target) cannot be
-    reached; `DatabaseError` when the database or its tool reports a failure; nothing from
-    psycopg or subprocess escapes.
+    Errors: `SourceUnavailable` when the source cannot be reached; `DatabaseError` when the
+    database or its tool reports a failure; nothing from the driver or subprocess escapes.
     """
 
     def probe(self) -> SourceInfo:
@@ -133,6 +132,15 @@ class Engine(Protocol):
     def full_dumps(self) -> list[DumpStream]:
         """The artifacts of one full backup, in the order they should be produced."""
         ...
+
+
+class Engine(BackupSource, Protocol):
+    """A database kind that restores through drbot's generic restore: PostgreSQL.
+
+    Errors: `SourceUnavailable` when the database (source or restore target) cannot be
+    reached; `DatabaseError` when the database or its tool reports a failure; nothing from
+    psycopg or subprocess escapes.
+    """
 
     def target_is_empty(self, target_uri: str) -> bool:
         """Whether the target database holds no user tables, views, sequences or functions."""

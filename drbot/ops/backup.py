@@ -21,7 +21,7 @@ import structlog
 
 from drbot import __version__
 from drbot.clock import Clock
-from drbot.engines.base import DumpStream, Engine, Fingerprint
+from drbot.engines.base import BackupSource, DumpStream, Fingerprint
 from drbot.errors import DrbotError, IntegrityFailure, StorageUnavailable
 from drbot.manifest import ArtifactRecord, Manifest, encode_manifest
 from drbot.ops.cleanup import cleanup_incomplete
@@ -216,7 +216,7 @@ class _Run:
 
 def run_backup(
     settings: BackupSettings,
-    engine: Engine,
+    engine: BackupSource,
     storages: Sequence[Storage],
     keys: KeyProvider,
     clock: Clock,

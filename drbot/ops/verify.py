@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from drbot.catalog import scan_catalog
+from drbot.catalog import Copy, scan_catalog
 from drbot.errors import DrbotError, KeyProblem, NoRestorePoint, StorageUnavailable
 from drbot.ops.artifacts import read_artifact
+from drbot.ops.changeverify import verify_changes
 from drbot.ops.walverify import WalVerifyResult, verify_wal
 from drbot.pipeline.keys import KeyProvider
 from drbot.storage.base import Storage
@@ -49,6 +50,48 @@ def _merge(report: VerifyReport, wal: WalVerifyResult) -> None:
     )
     for dest, why in wal.unreachable.items():
         report.unreachable.setdefault(dest, why)
+
+
+def _check_copy(
+    policy: str,
+    backup_id: str,
+    copy: Copy,
+    storage: Storage,
+    report: VerifyReport,
+    nbytes: int,
+    progress: Callable[[str, str, int], None] | None,
+) -> tuple[int, int]:
+    """Read back every artifact of one copy; (objects checked, bytes so far)."""
+    checked = 0
+    for rec in copy.manifest.artifacts:
+        try:
+            for chunk in read_artifact(storage, rec, copy.data_key):
+                nbytes += len(chunk)
+                if progress is not None:
+                    progress(copy.destination, rec.name, nbytes)
+            checked += 1
+        except StorageUnavailable as exc:
+            # Not a finding about the data: the copy could not be read at all.
+            report.unreachable[copy.destination] = exc.message
+            log.error(
+                "verify.unreachable",
+                policy=policy,
+                backup_id=backup_id,
+                destination=copy.destination,
+                error=exc.message,
+            )
+            break
+        except DrbotError as exc:
+            report.findings.append(Finding(copy.destination, backup_id, rec.key, exc.message))
+            log.error(
+                "verify.failed",
+                policy=policy,
+                backup_id=backup_id,
+                destination=copy.destination,
+                key=rec.key,
+                error=exc.message,
+            )
+    return checked, nbytes
 
 
 def run_verify(
@@ -97,41 +140,15 @@ def run_verify(
     for backup in backups:
         report.backups.append(backup.backup_id)
         for copy in backup.copies:
-            storage = by_name[copy.destination]
-            for rec in copy.manifest.artifacts:
-                try:
-                    for chunk in read_artifact(storage, rec, copy.data_key):
-                        nbytes += len(chunk)
-                        if progress is not None:
-                            progress(copy.destination, rec.name, nbytes)
-                    checked += 1
-                except StorageUnavailable as exc:
-                    # Not a finding about the data: the copy could not be read at all.
-                    report.unreachable[copy.destination] = exc.message
-                    log.error(
-                        "verify.unreachable",
-                        policy=policy,
-                        backup_id=backup.backup_id,
-                        destination=copy.destination,
-                        error=exc.message,
-                    )
-                    break
-                except DrbotError as exc:
-                    report.findings.append(
-                        Finding(copy.destination, backup.backup_id, rec.key, exc.message)
-                    )
-                    log.error(
-                        "verify.failed",
-                        policy=policy,
-                        backup_id=backup.backup_id,
-                        destination=copy.destination,
-                        key=rec.key,
-                        error=exc.message,
-                    )
+            n, nbytes = _check_copy(
+                policy, backup.backup_id, copy, by_name[copy.destination], report, nbytes, progress
+            )
+            checked += n
     if backup_id is None and sample is None:
-        wal = verify_wal(policy, storages, keys, scan, progress)
-        checked, nbytes = checked + wal.checked_objects, nbytes + wal.checked_bytes
-        _merge(report, wal)
+        for part in (verify_wal, verify_changes):
+            found = part(policy, storages, keys, scan, progress)
+            checked, nbytes = checked + found.checked_objects, nbytes + found.checked_bytes
+            _merge(report, found)
     result = VerifyReport(checked, nbytes, report.backups, report.findings, report.unreachable)
     log.info(
         "verify.completed",

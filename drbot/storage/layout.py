@@ -237,3 +237,31 @@ def rewrap_key(key_id: str, blob: bytes) -> str:
 
 def lease_key(policy: str) -> str:
     return f"{policy}/lease.json"
+
+
+# -- MongoDB change-stream slices ------------------------------------------------------------
+#
+#   <policy>/changes/<start>-<end>.zst.enc   one slice of change events (docs/mongodb.md)
+#
+# start and end are 16 lower-case hex digits: the cluster time (seconds << 32 | increment) of
+# the point the slice resumes after and of its last event. Keys sort by time, and consecutive
+# slices of one unbroken history chain: the next one's start is the previous one's end.
+
+_CHANGES_RE = re.compile(r"([0-9a-f]{16})-([0-9a-f]{16})\.zst\.enc")
+
+
+def changes_prefix(policy: str) -> str:
+    return f"{policy}/changes/"
+
+
+def changes_slice_key(policy: str, start: int, end: int) -> str:
+    return f"{changes_prefix(policy)}{start:016x}-{end:016x}{ARTIFACT_SUFFIX}"
+
+
+def parse_changes_slice_key(policy: str, key: str) -> tuple[int, int] | None:
+    """(start, end) of a slice key; None if `key` is not one."""
+    prefix = changes_prefix(policy)
+    if not key.startswith(prefix):
+        return None
+    m = _CHANGES_RE.fullmatch(key[len(prefix) :])
+    return (int(m.group(1), 16), int(m.group(2), 16)) if m else None

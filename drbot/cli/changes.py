@@ -1,0 +1,131 @@
+"""drbot changes: MongoDB change-stream incrementals."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import click
+
+from drbot.cli import build
+from drbot.cli.common import (
+    audit_trail,
+    find_policy,
+    load_settings,
+    policies_option,
+    recording_failure,
+)
+from drbot.errors import ChangeHistoryLost, DrbotError, UsageError
+
+
+@click.group("changes")
+def command() -> None:
+    """MongoDB: follow the change stream and ship it in slices (the incrementals).
+
+    \b
+    Continuous incrementals (RPO of about source.partial_interval, 10 s by default):
+      drbot changes stream --policy orders
+    """
+
+
+@command.command("stream")
+@click.option("--policy", "policy_name", required=True, help="Policy whose changes to stream.")
+@policies_option
+def stream(policy_name: str, policies_dir: Path | None) -> None:
+    """Follow the deployment's change stream into slices in every destination, until stopped.
+
+    Every source.partial_interval the events gathered become one slice, stored and read back
+    in every destination; each slice starts exactly where the previous one ended. It starts
+    after the newest stored slice, or at the end of the newest full backup (take one first).
+    If the server no longer holds the history to resume from, that gap is reported, recorded
+    in the audit trail, and answered with a new full backup; streaming resumes from it. Stop
+    with Ctrl-C or SIGTERM (what was gathered is shipped first).
+    """
+    from drbot.clock import SystemClock
+    from drbot.engines.mongodb.engine import MongoEngine
+    from drbot.ops.audit_events import record_backup
+    from drbot.ops.backup import run_backup
+    from drbot.ops.changestream import ChangeStreamer
+    from drbot.ops.lock import policy_lock
+    from drbot.ops.walstore import WalShipper
+
+    settings = load_settings(policies_dir)
+    policy = find_policy(settings, policy_name)
+    if policy.source.kind != "mongodb":
+        raise UsageError(
+            f"policy {policy.name} is not a MongoDB policy; PostgreSQL streams WAL instead",
+            hint=f"drbot wal stream --policy {policy.name}",
+        )
+    storages = build.build_storages(policy)
+    keys = build.build_keys(policy)
+    engine = build.build_engine(policy)
+    assert isinstance(engine, MongoEngine)
+    trail = audit_trail(settings)
+    subject = {"source": "change stream"}
+
+    def on_gap(gap: ChangeHistoryLost) -> None:
+        trail.record(
+            "changes.gap",
+            policy=policy.name,
+            subject=subject,
+            outcome="failed",
+            details={"error": gap.message},
+        )
+        click.echo(f"Error: {gap.message}; taking a new full backup now.", err=True)
+        try:
+            with policy_lock(settings.state_dir, policy.name):
+                result = run_backup(
+                    build.backup_settings(policy), engine, storages, keys, SystemClock()
+                )
+            record_backup(trail, policy.name, result, "full")
+        except DrbotError as exc:
+            trail.record(
+                "backup.failed",
+                policy=policy.name,
+                subject={"reason": "change history gap"},
+                outcome="failed",
+                details={"error": exc.message, "exit_code": exc.exit_code},
+            )
+            raise
+
+    streamer = ChangeStreamer(
+        policy.name,
+        engine.client,
+        policy.source.uri,
+        storages,
+        keys,
+        WalShipper(policy.name, storages, keys, compression_level=policy.compression.level),
+        interval_s=policy.source.partial_interval.total_seconds(),
+        databases=policy.source.databases,
+        on_gap=on_gap,
+    )
+    stop = threading.Event()
+    interrupted = False
+    with (
+        recording_failure(trail, "changes.stream_failed", policy=policy.name, subject=subject),
+        policy_lock(settings.state_dir, f"{policy.name}.changes"),
+    ):
+        engine.topology()  # a standalone server is refused here, with the reason
+        trail.record("changes.stream_started", policy=policy.name, subject=subject, outcome="info")
+        click.echo(
+            f"Streaming changes of {policy.name} to "
+            f"{', '.join(s.name for s in storages)} (Ctrl-C to stop)",
+            err=True,
+        )
+        try:
+            streamer.run(stop)
+        except KeyboardInterrupt:
+            interrupted = True
+    if interrupted:
+        trail.record(
+            "changes.stream_stopped",
+            policy=policy.name,
+            subject=subject,
+            outcome="info",
+            details={
+                "slices": streamer.state.slices_shipped,
+                "events": streamer.state.events_shipped,
+                "position": streamer.state.position,
+            },
+        )
+        raise KeyboardInterrupt

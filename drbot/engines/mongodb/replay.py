@@ -1,0 +1,202 @@
+"""Replay change events into a target as ordinary, idempotent writes.
+
+Inserts and replacements become upserts by document key, updates are applied to the current
+document client-side (drbot/engines/mongodb/update.py) and written back as a replacement,
+deletes delete by key, and DDL events become the matching commands. Nothing needs `applyOps`
+or any privilege beyond reading and writing the restored databases, so this also works on
+managed services. Events of one transaction (same `lsid` and `txnNumber`) travel as one group;
+a restore to a moment takes a whole group or none of it (`select`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from bson.timestamp import Timestamp
+from pymongo import MongoClient
+from pymongo.errors import OperationFailure
+
+from drbot.engines.mongodb.client import translated
+from drbot.engines.mongodb.position import ts_key
+from drbot.engines.mongodb.update import UpdateConflict, apply_update
+from drbot.errors import DatabaseError
+
+log = structlog.get_logger(__name__)
+
+Event = dict[str, Any]
+NamespaceFilter = Callable[[str, str | None], bool]
+"""(database, collection or None) -> whether a restore covers it."""
+
+_NAMESPACE_NOT_FOUND = 26
+_INDEX_NOT_FOUND = 27
+_NAMESPACE_EXISTS = 48
+_IGNORED = frozenset(
+    ("shardCollection", "reshardCollection", "refineCollectionShardKey", "invalidate")
+)
+
+
+def txn_of(event: Event) -> tuple[Any, ...] | None:
+    """What identifies the transaction an event belongs to (None outside transactions)."""
+    if "txnNumber" not in event or "lsid" not in event:
+        return None
+    lsid = event["lsid"]
+    return (
+        repr(sorted(lsid.items())) if isinstance(lsid, dict) else repr(lsid),
+        event["txnNumber"],
+    )
+
+
+def group(events: Iterable[Event]) -> Iterator[list[Event]]:
+    """Events in groups: one per transaction (consecutive events sharing lsid and txnNumber),
+    one per event outside transactions."""
+    current: list[Event] = []
+    current_txn: tuple[Any, ...] | None = None
+    for event in events:
+        txn = txn_of(event)
+        if current and (txn is None or txn != current_txn):
+            yield current
+            current = []
+        current.append(event)
+        current_txn = txn
+    if current:
+        yield current
+
+
+def group_time(events: list[Event]) -> Timestamp:
+    """The moment a group takes effect: its last event's cluster time (a commit's)."""
+    times: list[Timestamp] = [e["clusterTime"] for e in events]
+    return max(times, key=ts_key)
+
+
+def select(groups: Iterable[list[Event]], until: Timestamp | None) -> Iterator[list[Event]]:
+    """The groups that took effect at or before `until` (all of them when None)."""
+    limit = None if until is None else ts_key(until)
+    for g in groups:
+        if limit is not None and ts_key(group_time(g)) > limit:
+            return
+        yield g
+
+
+@dataclass
+class ReplayStats:
+    events: int = 0
+    skipped: int = 0
+    last_time: Timestamp | None = None
+    by_type: dict[str, int] = field(default_factory=dict)
+
+
+class Replayer:
+    """Applies events to the target `client` (a client decoding documents exactly)."""
+
+    def __init__(self, client: MongoClient[dict[str, Any]], covers: NamespaceFilter) -> None:
+        self._client = client
+        self._covers = covers
+        self.stats = ReplayStats()
+
+    def apply_group(self, events: list[Event]) -> None:
+        for event in events:
+            self.apply(event)
+
+    def apply(self, event: Event) -> None:
+        op = str(event.get("operationType"))
+        ns = event.get("ns") or {}
+        db, coll = ns.get("db"), ns.get("coll")
+        self.stats.last_time = event.get("clusterTime", self.stats.last_time)
+        if op in _IGNORED or db is None or not self._covers(db, coll):
+            self.stats.skipped += 1
+            return
+        handler = getattr(self, f"_op_{op}", None)
+        if handler is None:
+            log.warning("mongo.replay_unknown_event", operation=op, ns=f"{db}.{coll}")
+            self.stats.skipped += 1
+            return
+        with translated(f"replay {op} on {db}.{coll}"):
+            handler(event, db, coll)
+        self.stats.events += 1
+        self.stats.by_type[op] = self.stats.by_type.get(op, 0) + 1
+
+    # -- documents --------------------------------------------------------------------------
+
+    def _op_insert(self, event: Event, db: str, coll: str) -> None:
+        self._client[db][coll].replace_one(event["documentKey"], event["fullDocument"], upsert=True)
+
+    _op_replace = _op_insert
+
+    def _op_update(self, event: Event, db: str, coll: str) -> None:
+        target = self._client[db][coll]
+        key = event["documentKey"]
+        doc = target.find_one(key)
+        if doc is None:
+            # Deleted later in the history the dump already reflects; its delete follows.
+            self.stats.skipped += 1
+            return
+        try:
+            apply_update(doc, event.get("updateDescription") or {})
+        except UpdateConflict as exc:
+            raise DatabaseError(f"replay update of {db}.{coll} {key!r}: {exc}") from None
+        target.replace_one(key, doc)
+
+    def _op_delete(self, event: Event, db: str, coll: str) -> None:
+        self._client[db][coll].delete_one(event["documentKey"])
+
+    # -- collections and databases ---------------------------------------------------------
+
+    def _op_create(self, event: Event, db: str, coll: str) -> None:
+        options = dict(event.get("operationDescription") or {})
+        options.pop("idIndex", None)
+        try:
+            self._client[db].create_collection(coll, **options)
+        except OperationFailure as exc:
+            if exc.code != _NAMESPACE_EXISTS:
+                raise
+
+    def _op_drop(self, event: Event, db: str, coll: str) -> None:
+        self._client[db].drop_collection(coll)
+
+    def _op_dropDatabase(self, event: Event, db: str, coll: str | None) -> None:  # noqa: N802
+        self._client.drop_database(db)
+
+    def _op_rename(self, event: Event, db: str, coll: str) -> None:
+        desc = event.get("operationDescription") or {}
+        to = desc.get("to") or event.get("to") or {}
+        if not self._covers(str(to.get("db")), to.get("coll")):
+            # Renamed out of what is being restored: as seen from here, it was dropped.
+            self._client[db].drop_collection(coll)
+            return
+        try:
+            self._client.admin.command(
+                "renameCollection",
+                f"{db}.{coll}",
+                to=f"{to['db']}.{to['coll']}",
+                dropTarget=bool(desc.get("dropTarget", True)),
+            )
+        except OperationFailure as exc:
+            if exc.code != _NAMESPACE_NOT_FOUND:
+                raise
+
+    def _op_createIndexes(self, event: Event, db: str, coll: str) -> None:  # noqa: N802
+        specs = (event.get("operationDescription") or {}).get("indexes") or []
+        if specs:
+            self._client[db].command("createIndexes", coll, indexes=[_index_spec(s) for s in specs])
+
+    def _op_dropIndexes(self, event: Event, db: str, coll: str) -> None:  # noqa: N802
+        for spec in (event.get("operationDescription") or {}).get("indexes") or []:
+            try:
+                self._client[db][coll].drop_index(spec["name"])
+            except OperationFailure as exc:
+                if exc.code not in (_INDEX_NOT_FOUND, _NAMESPACE_NOT_FOUND):
+                    raise
+
+    def _op_modify(self, event: Event, db: str, coll: str) -> None:
+        desc = dict(event.get("operationDescription") or {})
+        desc.pop("stateBeforeChange", None)
+        if desc:
+            self._client[db].command("collMod", coll, **desc)
+
+
+def _index_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """An index as listIndexes / an event shows it, as createIndexes takes it."""
+    return {k: v for k, v in spec.items() if k not in ("v", "ns")}

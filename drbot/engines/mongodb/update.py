@@ -1,0 +1,116 @@
+"""Apply a change event's `updateDescription` to a document, in memory (pure).
+
+A delta update event says which paths were set (`updatedFields`), removed (`removedFields`)
+and which arrays were cut to a length (`truncatedArrays`), each path written with dots. A field
+whose name itself holds a dot, or is made of digits, makes that text ambiguous; the server then
+lists the path's real components in `disambiguatedPaths` (numbers for array positions). Applying
+the description to the document client-side, rather than sending `$set`/`$unset`, is what makes
+such names, array positions and truncation all come out exactly as on the source, with ordinary
+write privileges only. Every value is absolute, so applying an event twice changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+Path = Sequence[str | int]
+
+
+class UpdateConflict(ValueError):
+    """The document's shape does not fit the update (e.g. a path crosses a scalar)."""
+
+
+def split_path(dotted: str, disambiguated: Mapping[str, Any]) -> list[str | int]:
+    found = disambiguated.get(dotted)
+    if found is not None:
+        return list(found)
+    return list(dotted.split("."))
+
+
+def _index(part: str | int, path: Path) -> int:
+    if isinstance(part, int):
+        return part
+    if part.isdigit():
+        return int(part)
+    raise UpdateConflict(f"{'.'.join(map(str, path))}: {part!r} is not an array position")
+
+
+def _step(container: Any, part: str | int, path: Path, *, create: bool) -> Any:
+    if isinstance(container, list):
+        i = _index(part, path)
+        if i >= len(container):
+            if not create:
+                return None
+            container.extend([None] * (i + 1 - len(container)))
+        if container[i] is None and create:
+            container[i] = {}
+        return container[i]
+    if isinstance(container, dict):
+        key = str(part)
+        if key not in container or container[key] is None:
+            if not create:
+                return None
+            container[key] = {}
+        return container[key]
+    raise UpdateConflict(f"{'.'.join(map(str, path))}: crosses a value that is not a document")
+
+
+def _parent(doc: dict[str, Any], path: Path, *, create: bool) -> Any:
+    container: Any = doc
+    for part in path[:-1]:
+        container = _step(container, part, path, create=create)
+        if container is None:
+            return None
+    return container
+
+
+def set_path(doc: dict[str, Any], path: Path, value: Any) -> None:
+    parent = _parent(doc, path, create=True)
+    last = path[-1]
+    if isinstance(parent, list):
+        i = _index(last, path)
+        if i >= len(parent):
+            parent.extend([None] * (i + 1 - len(parent)))
+        parent[i] = value
+    elif isinstance(parent, dict):
+        parent[str(last)] = value
+    else:
+        raise UpdateConflict(f"{'.'.join(map(str, path))}: parent is not a document or array")
+
+
+def unset_path(doc: dict[str, Any], path: Path) -> None:
+    parent = _parent(doc, path, create=False)
+    last = path[-1]
+    if isinstance(parent, dict):
+        parent.pop(str(last), None)
+    elif isinstance(parent, list):
+        i = _index(last, path)
+        if i < len(parent):
+            parent[i] = None  # $unset of an array element leaves null, as the server does
+
+
+def truncate_path(doc: dict[str, Any], path: Path, size: int) -> None:
+    parent = _parent(doc, path, create=False)
+    if parent is None:
+        return
+    last = path[-1]
+    target = parent[_index(last, path)] if isinstance(parent, list) else parent.get(str(last))
+    if isinstance(target, list):
+        del target[size:]
+
+
+def apply_update(doc: dict[str, Any], description: Mapping[str, Any]) -> dict[str, Any]:
+    """`doc` changed as `description` says (in place, and returned).
+
+    Arrays are cut first, then fields removed, then fields set: the order the server computes
+    the description in. Raises `UpdateConflict` when a path does not fit the document.
+    """
+    disambiguated = description.get("disambiguatedPaths") or {}
+    for cut in description.get("truncatedArrays") or []:
+        truncate_path(doc, split_path(str(cut["field"]), disambiguated), int(cut["newSize"]))
+    for dotted in description.get("removedFields") or []:
+        unset_path(doc, split_path(str(dotted), disambiguated))
+    for dotted, value in (description.get("updatedFields") or {}).items():
+        set_path(doc, split_path(str(dotted), disambiguated), value)
+    return doc

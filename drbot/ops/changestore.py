@@ -1,0 +1,168 @@
+"""Change-stream slices in the destinations: ship one, list them, read one back, and find
+the unbroken chains they form (docs/mongodb.md, "Slices").
+
+Each slice is a complete encrypted stream, like a WAL object, whose header carries its own
+wrapped data key. Inside it is a `mongo_changes` artifact: a header naming the resume token and
+cluster time it starts after, the raw events, and a trailer naming the token and time it ends
+at. A slice starts exactly where the previous one ended; where one does not, there is a gap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bson.timestamp import Timestamp
+
+from drbot.engines.mongodb import archive
+from drbot.engines.mongodb.position import ts_key
+from drbot.errors import IntegrityFailure, StorageUnavailable
+from drbot.ops.walstore import KeyCache, read_wal_object
+from drbot.storage import layout
+from drbot.storage.base import Storage
+
+
+@dataclass(frozen=True, order=True)
+class SliceRef:
+    """One slice as its key names it (nothing opened): cluster-time keys of start and end."""
+
+    start: int
+    end: int
+    key: str = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Between `after` (end of one slice, or a backup's position) and `before` (start of the
+    next slice) no slice holds the events."""
+
+    after: int
+    before: int
+
+
+def list_slices(policy: str, storage: Storage) -> list[SliceRef]:
+    """Slices in one destination, oldest first; `StorageUnavailable` if it cannot be listed."""
+    out = []
+    for obj in storage.list(layout.changes_prefix(policy)):
+        parsed = layout.parse_changes_slice_key(policy, obj.key)
+        if parsed is not None:
+            out.append(SliceRef(parsed[0], parsed[1], obj.key))
+    return sorted(out)
+
+
+def chain_from(slices: Sequence[SliceRef], start: int) -> tuple[list[SliceRef], Gap | None]:
+    """The unbroken run of slices continuing from position `start`, and the gap that ends it.
+
+    The run begins with the slice that starts at or before `start` and ends after it (the
+    newest such), then follows slices whose start is exactly the previous end. The gap is None
+    when the run ends only because there are no newer slices. Pure.
+    """
+    run: list[SliceRef] = []
+    ordered = sorted(slices)
+    covering = [s for s in ordered if s.start <= start < s.end]
+    pos = start
+    i = 0
+    if covering:
+        first = covering[-1]
+        run.append(first)
+        pos = first.end
+        i = ordered.index(first) + 1
+    else:
+        while i < len(ordered) and ordered[i].end <= start:
+            i += 1
+    for s in ordered[i:]:
+        if s.end <= pos:
+            continue  # a duplicate or older slice (e.g. shipped twice after a restart)
+        if s.start != pos:
+            return run, Gap(pos, s.start)
+        run.append(s)
+        pos = s.end
+    return run, None
+
+
+@dataclass(frozen=True)
+class SliceBody:
+    """A slice's records, decoded: header and trailer documents and raw events."""
+
+    start_time: Timestamp
+    start_token: dict[str, Any] | None
+    end_time: Timestamp
+    end_token: dict[str, Any] | None
+    events: list[bytes]
+
+
+def encode_slice(
+    start_time: Timestamp,
+    start_token: Any,
+    end_time: Timestamp,
+    end_token: Any,
+    events: Sequence[bytes],
+) -> bytes:
+    parts = [
+        archive.record(
+            archive.HEADER,
+            {
+                "format": archive.CHANGES_FORMAT,
+                "version": archive.VERSION,
+                "start_time": start_time,
+                "start_token": start_token,
+            },
+        )
+    ]
+    parts.extend(archive.EVENT + e for e in events)
+    parts.append(
+        archive.record(
+            archive.TRAILER, {"count": len(events), "end_time": end_time, "end_token": end_token}
+        )
+    )
+    return b"".join(parts)
+
+
+def decode_changes(chunks: Any, where: str) -> SliceBody:
+    """A `mongo_changes` artifact's records (a slice, or a full backup's own events)."""
+    header: dict[str, Any] | None = None
+    trailer: dict[str, Any] | None = None
+    events: list[bytes] = []
+    for tag, raw in archive.read_records(chunks, artifact=where):
+        if tag == archive.HEADER:
+            header = archive.decode(raw)
+        elif tag == archive.EVENT:
+            events.append(raw)
+        elif tag == archive.TRAILER:
+            trailer = archive.decode(raw)
+    if header is None or trailer is None or header.get("format") != archive.CHANGES_FORMAT:
+        raise IntegrityFailure(f"{where}: not a drbot change-event artifact")
+    if int(trailer.get("count", -1)) != len(events):
+        raise IntegrityFailure(
+            f"{where}: {len(events)} events, its trailer says {trailer.get('count')}"
+        )
+    return SliceBody(
+        start_time=header["start_time"],
+        start_token=header.get("start_token"),
+        end_time=trailer["end_time"],
+        end_token=trailer.get("end_token"),
+        events=events,
+    )
+
+
+def read_slice(storage: Storage, ref: SliceRef, keys: KeyCache) -> SliceBody:
+    """A slice, authenticated and checked against its key's times.
+
+    `ObjectNotFound`, `StorageUnavailable`, `KeyProblem`, or `IntegrityFailure` naming the
+    destination and key when it is damaged or its contents disagree with its name.
+    """
+    where = f"{storage.name}:{ref.key}"
+    body = decode_changes([read_wal_object(storage, ref.key, keys)], where)
+    if ts_key(body.start_time) != ref.start or ts_key(body.end_time) != ref.end:
+        raise IntegrityFailure(f"{where}: its contents do not match its name (renamed?)")
+    return body
+
+
+def slices_in(policy: str, storages: Sequence[Storage]) -> Iterator[tuple[Storage, list[SliceRef]]]:
+    """(destination, its slices) for every destination that can be listed."""
+    for storage in storages:
+        try:
+            yield storage, list_slices(policy, storage)
+        except StorageUnavailable:
+            continue

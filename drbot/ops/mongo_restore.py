@@ -1,0 +1,406 @@
+"""Restore a MongoDB backup, to its own moment or to any later one its slices reach.
+
+`plan_mongo_restore` is pure: it picks the newest full backup consistent at or before the
+target, the unbroken chain of slices that continues from it, and the destinations to read
+from, and refuses a non-empty target without `drop`. `execute_mongo_restore` then loads the
+dumps (collections with their options, documents, indexes after the data), checks what was
+loaded against the backup's fingerprints, replays the backup's own events to reach its
+consistent moment, and then the slices' events up to the target, a transaction whole or not at
+all. If anything fails, the namespaces it created are dropped: the target is left empty, as
+it was found.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import structlog
+from bson.timestamp import Timestamp
+from pymongo import MongoClient
+
+from drbot.catalog import BackupEntry, CatalogScan
+from drbot.engines.base import Fingerprint, Mismatch, compare_fingerprints
+from drbot.engines.mongodb import archive, target
+from drbot.engines.mongodb.client import RawClient, where
+from drbot.engines.mongodb.dump import CHANGES_KIND, DUMP_KIND
+from drbot.engines.mongodb.load import DumpLoader
+from drbot.engines.mongodb.position import ts_at, ts_datetime, ts_key, ts_parse, ts_text
+from drbot.engines.mongodb.replay import Replayer, group, select
+from drbot.errors import IntegrityFailure, KeyProblem, NoRestorePoint, UsageError
+from drbot.manifest import ArtifactRecord
+from drbot.ops.artifacts import read_artifact
+from drbot.ops.changestore import Gap, SliceRef, chain_from, decode_changes, read_slice
+from drbot.ops.walstore import KeyCache
+from drbot.storage.base import Storage
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which namespaces a restore covers: whole databases and single collections."""
+
+    databases: frozenset[str]
+    collections: frozenset[tuple[str, str]] = frozenset()
+
+    @classmethod
+    def parse(cls, backup_dbs: Sequence[str], ns: Sequence[str]) -> Selection:
+        """`--ns DB` / `--ns DB.COLL` values (none: every database of the backup)."""
+        if not ns:
+            return cls(frozenset(backup_dbs))
+        dbs: set[str] = set()
+        colls: set[tuple[str, str]] = set()
+        for item in ns:
+            db, dot, coll = item.partition(".")
+            if db not in backup_dbs:
+                raise UsageError(
+                    f"--ns {item}: the backup has no database {db!r} "
+                    f"(it has: {', '.join(backup_dbs) or 'none'})"
+                )
+            if dot and coll:
+                colls.add((db, coll))
+            else:
+                dbs.add(db)
+        return cls(frozenset(dbs), frozenset(colls))
+
+    def covers(self, db: str, coll: str | None) -> bool:
+        if db in self.databases:
+            return True
+        if coll is None:
+            return any(d == db for d, _ in self.collections)
+        return (db, coll) in self.collections
+
+    def describe(self) -> list[str]:
+        return sorted(self.databases) + sorted(f"{d}.{c}" for d, c in self.collections)
+
+
+@dataclass(frozen=True)
+class MongoRestorePlan:
+    """Everything a MongoDB restore will do, decided before anything is written."""
+
+    policy: str
+    backup_id: str
+    consistent_time: Timestamp
+    target_time: Timestamp | None
+    """None: as far as the stored changes go (--latest)."""
+    target: str
+    occupied: tuple[str, ...]
+    drop: bool
+    sources: tuple[str, ...]
+    dumps: tuple[ArtifactRecord, ...]
+    changes: ArtifactRecord | None
+    slice_source: str | None
+    slices: tuple[SliceRef, ...]
+    reach: Timestamp
+    """The newest moment the plan can restore to (the target, or the end of the stored changes)."""
+    selection: Selection
+    expected: Fingerprint
+    gap: Gap | None = None
+    warnings: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "backup_id": self.backup_id,
+            "consistent_time": ts_text(self.consistent_time),
+            "consistent_at": ts_datetime(self.consistent_time).isoformat(),
+            "target_time": ts_text(self.target_time) if self.target_time else None,
+            "reach": ts_text(self.reach),
+            "reach_at": ts_datetime(self.reach).isoformat(),
+            "target": self.target,
+            "namespaces": self.selection.describe(),
+            "occupied": list(self.occupied),
+            "drop": self.drop,
+            "sources": list(self.sources),
+            "dumps": [a.name for a in self.dumps],
+            "slices": len(self.slices),
+            "slice_source": self.slice_source,
+            "warnings": list(self.warnings),
+        }
+
+
+def _consistent(entry: BackupEntry) -> Timestamp | None:
+    text = entry.manifest.positions.get("consistent_time")
+    return ts_parse(str(text)) if text else None
+
+
+def plan_mongo_restore(
+    scan: CatalogScan,
+    slices: Mapping[str, Sequence[SliceRef]],
+    *,
+    policy: str,
+    target: str,
+    occupied: Sequence[str],
+    at: datetime | None = None,
+    from_destination: str | None = None,
+    ns: Sequence[str] = (),
+    drop: bool = False,
+) -> MongoRestorePlan:
+    """Decide the restore. Pure: reads only its arguments.
+
+    `slices` holds each reachable destination's slices. Raises `NoRestorePoint` when no backup
+    is consistent at or before `at`, or a gap in the stored changes lies before `at`;
+    `KeyProblem` when the manifests cannot be opened; `UsageError` for a non-empty target
+    without `drop` or an `--ns` outside the backup.
+    """
+    limit = None if at is None else ts_at(at)
+    entries = [
+        b
+        for b in scan.backups
+        if (from_destination is None or from_destination in b.destinations)
+        and _consistent(b) is not None
+    ]
+    if not entries:
+        keyed = [p.error for p in scan.problems if isinstance(p.error, KeyProblem)]
+        if keyed:
+            raise keyed[0]
+        raise NoRestorePoint(
+            f"no complete MongoDB backup of policy {policy!r}"
+            + (f" in destination {from_destination!r}" if from_destination else ""),
+            hint=f"`drbot list --policy {policy}` shows what exists",
+        )
+    usable = [
+        b for b in entries if limit is None or ts_key(_consistent(b) or limit) <= ts_key(limit)
+    ]
+    if not usable:
+        first = min(ts_key(c) for b in entries if (c := _consistent(b)) is not None)
+        earliest = ts_datetime(Timestamp(first >> 32, first & 0xFFFFFFFF))
+        raise NoRestorePoint(
+            f"no backup of policy {policy!r} is consistent at or before {at}",
+            hint=f"the earliest restorable moment is {earliest.isoformat()}",
+        )
+    backup = usable[-1]
+    consistent = _consistent(backup)
+    assert consistent is not None
+    manifest = backup.manifest
+    selection = Selection.parse(manifest.databases, ns)
+    if occupied and not drop:
+        raise UsageError(
+            f"the target already holds data in {', '.join(occupied[:5])}"
+            + (f" and {len(occupied) - 5} more" if len(occupied) > 5 else ""),
+            hint="restore into an empty deployment, or add --drop to replace those collections",
+        )
+    order = list(backup.destinations)
+    if from_destination is not None:
+        order = [from_destination]
+    dumps = tuple(
+        a
+        for a in manifest.artifacts
+        if a.kind == DUMP_KIND and a.database is not None and selection.covers(a.database, None)
+    )
+    changes = next((a for a in manifest.artifacts if a.kind == CHANGES_KIND), None)
+    expected = Fingerprint(
+        tables={
+            name: fp
+            for fps in manifest.fingerprints.values()
+            for name, fp in fps.tables.items()
+            if selection.covers(*name.split(".", 1))
+        }
+    )
+
+    slice_source, run, gap = _best_chain(slices, from_destination, ts_key(consistent))
+    if limit is not None:
+        run = _until(run, ts_key(limit))
+    end = max([ts_key(consistent)] + [s.end for s in run])
+    reach = Timestamp(end >> 32, end & 0xFFFFFFFF)
+    warnings: list[str] = []
+    if limit is not None and ts_key(limit) > end:
+        where_end = ts_datetime(reach).isoformat()
+        if gap is not None and gap.after < ts_key(limit):
+            raise NoRestorePoint(
+                f"the stored changes of policy {policy!r} have a gap after {where_end}: "
+                f"nothing can be restored past it from backup {backup.backup_id}",
+                hint="restore to a moment before the gap, or pick a later backup with --at",
+            )
+        warnings.append(
+            f"the newest stored change is at {where_end}; changes after it, if any, were "
+            "not shipped (streamer behind or stopped) and cannot be restored"
+        )
+        reach = limit
+    elif limit is not None:
+        reach = limit
+    return MongoRestorePlan(
+        policy=policy,
+        backup_id=backup.backup_id,
+        consistent_time=consistent,
+        target_time=limit,
+        target=target,
+        occupied=tuple(occupied),
+        drop=drop,
+        sources=tuple(order),
+        dumps=dumps,
+        changes=changes,
+        slice_source=slice_source,
+        slices=tuple(run),
+        reach=reach,
+        selection=selection,
+        expected=expected,
+        gap=gap,
+        warnings=tuple(warnings),
+    )
+
+
+def _best_chain(
+    slices: Mapping[str, Sequence[SliceRef]], only: str | None, start: int
+) -> tuple[str | None, list[SliceRef], Gap | None]:
+    """The destination whose unbroken chain from `start` reaches furthest, that chain, and the
+    gap ending it (None: it ends at the newest slice)."""
+    best: tuple[str | None, list[SliceRef], Gap | None] = (None, [], None)
+    for dest, refs in slices.items():
+        if only is not None and dest != only:
+            continue
+        run, gap = chain_from(refs, start)
+        if run and (not best[1] or run[-1].end > best[1][-1].end):
+            best = (dest, run, gap)
+        elif best[0] is None and not run:
+            best = (None, [], gap)
+    return best
+
+
+def _until(run: list[SliceRef], limit: int) -> list[SliceRef]:
+    """The slices of `run` that can hold events at or before `limit`."""
+    out = []
+    for s in run:
+        if s.start >= limit:
+            break
+        out.append(s)
+    return out
+
+
+@dataclass
+class MongoRestoreResult:
+    backup_id: str
+    source: str
+    collections: list[str]
+    documents: int
+    events_applied: int
+    reached: Timestamp
+    duration_s: float
+    mismatches: list[Mismatch] = field(default_factory=list)
+    events_by_type: dict[str, int] = field(default_factory=dict)
+
+
+def execute_mongo_restore(
+    plan: MongoRestorePlan,
+    scan: CatalogScan,
+    storages: Mapping[str, Storage],
+    keys: KeyCache,
+    client: RawClient,
+    exact: MongoClient[dict[str, Any]],
+    uri: str,
+    *,
+    progress: Callable[[str, int], None] | None = None,
+) -> MongoRestoreResult:
+    """Carry out `plan` into the target `client` (raw) / `exact` (decoding exactly).
+
+    Raises what reading raises (`IntegrityFailure`, `ObjectNotFound`, `StorageUnavailable`,
+    `KeyProblem`), `SourceUnavailable`/`DatabaseError` from the target, and `IntegrityFailure`
+    when the loaded data does not match the backup's fingerprint; in every case after dropping
+    what it created.
+    """
+    t0 = time.monotonic()
+    entry = scan.find(plan.backup_id)
+    assert entry is not None
+    copy = next(c for c in (entry.copy_in(d) for d in plan.sources) if c is not None)
+    storage = storages[copy.destination]
+    covers = plan.selection.covers
+    if plan.drop and plan.occupied:
+        target.drop(client, uri, plan.occupied)
+    before = set(target.existing(client, uri, covers))
+    created: list[str] = []
+    try:
+        loader = DumpLoader(client, covers, "")
+        collections: list[str] = []
+        documents = 0
+        for rec in plan.dumps:
+            loader = DumpLoader(client, covers, f"{copy.destination}:{rec.key}")
+            stats = loader.load(_counted(read_artifact(storage, rec, copy.data_key), rec, progress))
+            collections += stats.collections
+            created += stats.collections
+            documents += stats.documents
+        actual = target.fingerprint(client, uri, plan.expected.tables)
+        mismatches = compare_fingerprints(plan.expected, actual)
+        if mismatches:
+            raise IntegrityFailure(
+                "the loaded data does not match the backup's fingerprint: "
+                + "; ".join(
+                    f"{m.table}: {m.problem} {m.expected} != {m.actual}" for m in mismatches
+                )
+            )
+        replayer = Replayer(exact, covers)
+        if plan.changes is not None:
+            body = decode_changes(
+                read_artifact(storage, plan.changes, copy.data_key),
+                f"{copy.destination}:{plan.changes.key}",
+            )
+            for g in group(archive.decode(e) for e in body.events):
+                replayer.apply_group(g)
+        reached = plan.consistent_time
+        if plan.slices:
+            assert plan.slice_source is not None
+            events = _slice_events(
+                storages[plan.slice_source], plan.slices, keys, plan.consistent_time
+            )
+            for g in select(group(events), plan.target_time):
+                replayer.apply_group(g)
+                reached = max(reached, g[-1]["clusterTime"], key=ts_key)
+        if plan.target_time is not None:
+            reached = plan.reach
+        elif plan.slices:
+            reached = max(reached, plan.reach, key=ts_key)
+    except BaseException:
+        log.error("restore.mongo_failed", policy=plan.policy, backup_id=plan.backup_id)
+        try:
+            made = set(created) | set(target.existing(client, uri, covers))
+            target.drop(client, uri, made - before)
+        except Exception as exc:
+            log.error("restore.mongo_cleanup_failed", error=str(exc), target=where(uri))
+        raise
+    return MongoRestoreResult(
+        backup_id=plan.backup_id,
+        source=copy.destination,
+        collections=collections,
+        documents=documents,
+        events_applied=replayer.stats.events,
+        reached=reached,
+        duration_s=round(time.monotonic() - t0, 3),
+        mismatches=[],
+        events_by_type=dict(replayer.stats.by_type),
+    )
+
+
+def _counted(
+    chunks: Iterator[bytes], rec: ArtifactRecord, progress: Callable[[str, int], None] | None
+) -> Iterator[bytes]:
+    done = 0
+    for chunk in chunks:
+        done += len(chunk)
+        if progress is not None:
+            progress(rec.name, done)
+        yield chunk
+
+
+def _slice_events(
+    storage: Storage, refs: Sequence[SliceRef], keys: KeyCache, after: Timestamp
+) -> Iterator[dict[str, Any]]:
+    """Events of consecutive slices newer than `after`, checking each slice starts with the
+    token the previous one ended at."""
+    previous: str | None = None
+    floor = ts_key(after)
+    for ref in refs:
+        body = read_slice(storage, ref, keys)
+        start = archive.token_text(body.start_token)
+        if previous is not None and start != previous:
+            raise IntegrityFailure(
+                f"{storage.name}:{ref.key}: starts at another resume token than the previous "
+                "slice ended at (the chain is broken)"
+            )
+        previous = archive.token_text(body.end_token)
+        for raw in body.events:
+            event = archive.decode(raw)
+            if ts_key(event["clusterTime"]) > floor:
+                yield event
