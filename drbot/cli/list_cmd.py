@@ -29,7 +29,10 @@ from drbot.storage.base import Storage
 def _windows(
     policy: Any, scan: CatalogScan, storages: list[Storage], keys: KeyProvider
 ) -> dict[str, dict[str, Any]]:
-    """Per physical backup: the span of time and WAL positions it can be restored to."""
+    """Per physical (or MongoDB) backup: the span of time and WAL positions (or cluster
+    times) it can be restored to."""
+    if policy.source.kind == "mongodb":
+        return _mongo_windows(policy, scan, storages)
     physical = [b for b in scan.backups if b.manifest.mode == "physical"]
     if not physical:
         return {}
@@ -51,6 +54,39 @@ def _windows(
             "to_partial_segment": w.partial,
             "wal_files": len(w.wal),
             "gap": w.gap,
+        }
+    return out
+
+
+def _mongo_windows(
+    policy: Any, scan: CatalogScan, storages: list[Storage]
+) -> dict[str, dict[str, Any]]:
+    from bson.timestamp import Timestamp
+
+    from drbot.engines.mongodb.position import ts_datetime, ts_key, ts_parse, ts_text
+    from drbot.ops.changestore import slices_in
+    from drbot.ops.mongo_restore import best_chain
+
+    slices = {s.name: refs for s, refs in slices_in(policy.name, storages)}
+    out: dict[str, dict[str, Any]] = {}
+    for b in scan.backups:
+        text = b.manifest.positions.get("consistent_time")
+        if not text:
+            continue
+        start = ts_key(ts_parse(str(text)))
+        source, run, gap = best_chain(slices, None, start)
+        end = max([start] + [r.end for r in run])
+        reach = Timestamp(end >> 32, end & 0xFFFFFFFF)
+        out[b.backup_id] = {
+            "from_time": b.manifest.positions.get("consistent_at"),
+            "from_cluster_time": text,
+            "to_time": ts_datetime(reach).isoformat(),
+            "to_cluster_time": ts_text(reach),
+            "slices": len(run),
+            "slice_source": source,
+            "gap": None
+            if gap is None or not run
+            else ts_datetime(Timestamp(gap.after >> 32, gap.after & 0xFFFFFFFF)).isoformat(),
         }
     return out
 

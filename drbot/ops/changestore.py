@@ -52,33 +52,32 @@ def list_slices(policy: str, storage: Storage) -> list[SliceRef]:
 
 
 def chain_from(slices: Sequence[SliceRef], start: int) -> tuple[list[SliceRef], Gap | None]:
-    """The unbroken run of slices continuing from position `start`, and the gap that ends it.
+    """The slices that carry the history on from position `start` as far as it goes, and the
+    gap that ends it.
 
-    The run begins with the slice that starts at or before `start` and ends after it (the
-    newest such), then follows slices whose start is exactly the previous end. The gap is None
-    when the run ends only because there are no newer slices. Pure.
+    Each next slice is one that covers the position reached so far (starts at or before it and
+    ends after it), the one reaching furthest; normally it starts exactly there, but after a
+    restart from another destination's copy slices may overlap, and a restore then skips the
+    events it already has (`events_after`). The gap is None when the run ends only because there
+    are no newer slices. Pure.
     """
-    run: list[SliceRef] = []
     ordered = sorted(slices)
-    covering = [s for s in ordered if s.start <= start < s.end]
+    run: list[SliceRef] = []
     pos = start
     i = 0
-    if covering:
-        first = covering[-1]
-        run.append(first)
-        pos = first.end
-        i = ordered.index(first) + 1
-    else:
-        while i < len(ordered) and ordered[i].end <= start:
+    while True:
+        best: SliceRef | None = None
+        while i < len(ordered) and ordered[i].start <= pos:
+            s = ordered[i]
+            if s.end > pos and (
+                best is None or s.end > best.end or (s.end == best.end and s.start == pos)
+            ):
+                best = s
             i += 1
-    for s in ordered[i:]:
-        if s.end <= pos:
-            continue  # a duplicate or older slice (e.g. shipped twice after a restart)
-        if s.start != pos:
-            return run, Gap(pos, s.start)
-        run.append(s)
-        pos = s.end
-    return run, None
+        if best is None:
+            return run, (Gap(pos, ordered[i].start) if i < len(ordered) else None)
+        run.append(best)
+        pos = best.end
 
 
 @dataclass(frozen=True)

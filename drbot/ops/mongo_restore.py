@@ -30,10 +30,25 @@ from drbot.engines.mongodb.dump import CHANGES_KIND, DUMP_KIND
 from drbot.engines.mongodb.load import DumpLoader
 from drbot.engines.mongodb.position import ts_at, ts_datetime, ts_key, ts_parse, ts_text
 from drbot.engines.mongodb.replay import Replayer, group, select
-from drbot.errors import IntegrityFailure, KeyProblem, NoRestorePoint, UsageError
+from drbot.errors import (
+    DrbotError,
+    IntegrityFailure,
+    KeyProblem,
+    NoRestorePoint,
+    ObjectNotFound,
+    StorageUnavailable,
+    UsageError,
+)
 from drbot.manifest import ArtifactRecord
 from drbot.ops.artifacts import read_artifact
-from drbot.ops.changestore import Gap, SliceRef, chain_from, decode_changes, read_slice
+from drbot.ops.changestore import (
+    Gap,
+    SliceBody,
+    SliceRef,
+    chain_from,
+    decode_changes,
+    read_slice,
+)
 from drbot.ops.walstore import KeyCache
 from drbot.storage.base import Storage
 
@@ -202,7 +217,7 @@ def plan_mongo_restore(
         }
     )
 
-    slice_source, run, gap = _best_chain(slices, from_destination, ts_key(consistent))
+    slice_source, run, gap = best_chain(slices, from_destination, ts_key(consistent))
     if limit is not None:
         run = _until(run, ts_key(limit))
     end = max([ts_key(consistent)] + [s.end for s in run])
@@ -244,20 +259,24 @@ def plan_mongo_restore(
     )
 
 
-def _best_chain(
+def best_chain(
     slices: Mapping[str, Sequence[SliceRef]], only: str | None, start: int
 ) -> tuple[str | None, list[SliceRef], Gap | None]:
-    """The destination whose unbroken chain from `start` reaches furthest, that chain, and the
-    gap ending it (None: it ends at the newest slice)."""
+    """The destination whose chain from `start` reaches furthest, that chain, and the gap
+    ending it (None: it ends at the newest slice). Without any chain, the earliest gap any
+    destination shows (stored changes exist, but none continue from `start`)."""
     best: tuple[str | None, list[SliceRef], Gap | None] = (None, [], None)
+    gaps: list[Gap] = []
     for dest, refs in slices.items():
         if only is not None and dest != only:
             continue
         run, gap = chain_from(refs, start)
         if run and (not best[1] or run[-1].end > best[1][-1].end):
             best = (dest, run, gap)
-        elif best[0] is None and not run:
-            best = (None, [], gap)
+        elif not run and gap is not None:
+            gaps.append(gap)
+    if best[0] is None and gaps:
+        return None, [], min(gaps, key=lambda g: g.before)
     return best
 
 
@@ -337,13 +356,16 @@ def execute_mongo_restore(
                 read_artifact(storage, plan.changes, copy.data_key),
                 f"{copy.destination}:{plan.changes.key}",
             )
+            replayer.fuzzy = True
             for g in group(archive.decode(e) for e in body.events):
                 replayer.apply_group(g)
+            replayer.fuzzy = False
         reached = plan.consistent_time
         if plan.slices:
             assert plan.slice_source is not None
+            order = [plan.slice_source] + [d for d in storages if d != plan.slice_source]
             events = _slice_events(
-                storages[plan.slice_source], plan.slices, keys, plan.consistent_time
+                [storages[d] for d in order], plan.slices, keys, plan.consistent_time
             )
             for g in select(group(events), plan.target_time):
                 replayer.apply_group(g)
@@ -385,22 +407,44 @@ def _counted(
 
 
 def _slice_events(
-    storage: Storage, refs: Sequence[SliceRef], keys: KeyCache, after: Timestamp
+    storages: Sequence[Storage], refs: Sequence[SliceRef], keys: KeyCache, after: Timestamp
 ) -> Iterator[dict[str, Any]]:
-    """Events of consecutive slices newer than `after`, checking each slice starts with the
-    token the previous one ended at."""
+    """Events of a chain of slices (`chain_from`) newer than `after`, each slice contributing
+    only what is newer than the end of the one before it. A slice that starts exactly where the
+    previous one ended must start with the token that one ended at. Each slice is read from the
+    first of `storages` whose copy is intact (a damaged or missing copy is logged and the next
+    one tried)."""
     previous: str | None = None
-    floor = ts_key(after)
+    pos = ts_key(after)
     for ref in refs:
-        body = read_slice(storage, ref, keys)
-        start = archive.token_text(body.start_token)
-        if previous is not None and start != previous:
+        body = _read_any(storages, ref, keys)
+        if (
+            previous is not None
+            and ref.start == pos
+            and archive.token_text(body.start_token) != previous
+        ):
             raise IntegrityFailure(
-                f"{storage.name}:{ref.key}: starts at another resume token than the previous "
-                "slice ended at (the chain is broken)"
+                f"{ref.key}: starts at another resume token than the previous slice ended "
+                "at (the chain is broken)"
             )
-        previous = archive.token_text(body.end_token)
         for raw in body.events:
             event = archive.decode(raw)
-            if ts_key(event["clusterTime"]) > floor:
+            if ts_key(event["clusterTime"]) > pos:
                 yield event
+        previous = archive.token_text(body.end_token)
+        pos = ref.end
+
+
+def _read_any(storages: Sequence[Storage], ref: SliceRef, keys: KeyCache) -> SliceBody:
+    errors: list[DrbotError] = []
+    for storage in storages:
+        try:
+            return read_slice(storage, ref, keys)
+        except (IntegrityFailure, ObjectNotFound, StorageUnavailable) as exc:
+            log.warning(
+                "restore.slice_unreadable", destination=storage.name, key=ref.key, error=str(exc)
+            )
+            errors.append(exc)
+    if any(isinstance(e, IntegrityFailure) for e in errors):
+        raise next(e for e in errors if isinstance(e, IntegrityFailure))
+    raise errors[0]

@@ -188,13 +188,18 @@ class ChangeWatcher(threading.Thread):
                         if idle_after_until >= 2:
                             break
                     continue
+                ts: Timestamp = event["clusterTime"]
+                if self._until is not None and ts_key(ts) > ts_key(self._until):
+                    # After the consistent point: left out, and read again by the streamer,
+                    # which resumes after end_token. The events of one transaction share one
+                    # cluster time, so a backup holds all of one or none of it.
+                    break
                 self._spool.write(archive.record(archive.EVENT, bytes(event.raw)))
                 self.count += 1
-                ts = event["clusterTime"]
                 self.last_time = ts
-                if self._until is not None and ts_key(ts) >= ts_key(self._until):
-                    break
-            self.end_token = self._stream.resume_token
+                self.end_token = event["_id"]
+            if self.end_token is None:
+                self.end_token = self.start_token
         except BaseException as exc:  # raised again in the caller's thread by finish()
             self._error = exc
         finally:

@@ -84,6 +84,7 @@ def select(groups: Iterable[list[Event]], until: Timestamp | None) -> Iterator[l
 class ReplayStats:
     events: int = 0
     skipped: int = 0
+    conflicts_skipped: int = 0
     last_time: Timestamp | None = None
     by_type: dict[str, int] = field(default_factory=dict)
 
@@ -95,6 +96,10 @@ class Replayer:
         self._client = client
         self._covers = covers
         self.stats = ReplayStats()
+        self.fuzzy = False
+        """Set while replaying a full backup's own events over its dump, whose documents may
+        already show later events: an update path that no longer fits is then skipped (a
+        later event settles it) instead of failing the restore."""
 
     def apply_group(self, events: list[Event]) -> None:
         for event in events:
@@ -134,10 +139,18 @@ class Replayer:
             self.stats.skipped += 1
             return
         try:
-            apply_update(doc, event.get("updateDescription") or {})
+            apply_update(
+                doc,
+                event.get("updateDescription") or {},
+                on_conflict=self._skip_conflict if self.fuzzy else None,
+            )
         except UpdateConflict as exc:
             raise DatabaseError(f"replay update of {db}.{coll} {key!r}: {exc}") from None
         target.replace_one(key, doc)
+
+    def _skip_conflict(self, exc: UpdateConflict) -> None:
+        self.stats.conflicts_skipped += 1
+        log.debug("mongo.replay_conflict_skipped", error=str(exc))
 
     def _op_delete(self, event: Event, db: str, coll: str) -> None:
         self._client[db][coll].delete_one(event["documentKey"])

@@ -11,7 +11,8 @@ write privileges only. Every value is absolute, so applying an event twice chang
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 Path = Sequence[str | int]
@@ -95,22 +96,47 @@ def truncate_path(doc: dict[str, Any], path: Path, size: int) -> None:
     if parent is None:
         return
     last = path[-1]
-    target = parent[_index(last, path)] if isinstance(parent, list) else parent.get(str(last))
+    if isinstance(parent, list):
+        i = _index(last, path)
+        target = parent[i] if i < len(parent) else None
+    elif isinstance(parent, dict):
+        target = parent.get(str(last))
+    else:
+        raise UpdateConflict(f"{'.'.join(map(str, path))}: parent is not a document or array")
     if isinstance(target, list):
         del target[size:]
 
 
-def apply_update(doc: dict[str, Any], description: Mapping[str, Any]) -> dict[str, Any]:
+def apply_update(
+    doc: dict[str, Any],
+    description: Mapping[str, Any],
+    on_conflict: Callable[[UpdateConflict], None] | None = None,
+) -> dict[str, Any]:
     """`doc` changed as `description` says (in place, and returned).
 
     Arrays are cut first, then fields removed, then fields set: the order the server computes
-    the description in. Raises `UpdateConflict` when a path does not fit the document.
+    the description in. A path that does not fit the document raises `UpdateConflict`, or,
+    with `on_conflict`, is reported to it and skipped while the other paths still apply: what a
+    replay over a fuzzy dump needs, where a document may already show later events (which are
+    replayed after this one and settle it).
     """
     disambiguated = description.get("disambiguatedPaths") or {}
+
+    def attempt(change: Callable[[], None]) -> None:
+        try:
+            change()
+        except UpdateConflict as exc:
+            if on_conflict is None:
+                raise
+            on_conflict(exc)
+
     for cut in description.get("truncatedArrays") or []:
-        truncate_path(doc, split_path(str(cut["field"]), disambiguated), int(cut["newSize"]))
+        path = split_path(str(cut["field"]), disambiguated)
+        attempt(partial(truncate_path, doc, path, int(cut["newSize"])))
     for dotted in description.get("removedFields") or []:
-        unset_path(doc, split_path(str(dotted), disambiguated))
+        path = split_path(str(dotted), disambiguated)
+        attempt(partial(unset_path, doc, path))
     for dotted, value in (description.get("updatedFields") or {}).items():
-        set_path(doc, split_path(str(dotted), disambiguated), value)
+        path = split_path(str(dotted), disambiguated)
+        attempt(partial(set_path, doc, path, value))
     return doc
