@@ -15,6 +15,7 @@ from drbot.cli.common import (
     policies_option,
     recording_failure,
 )
+from drbot.cli.wal import write_status_every
 from drbot.errors import ChangeHistoryLost, DrbotError, UsageError
 
 
@@ -30,8 +31,15 @@ def command() -> None:
 
 @command.command("stream")
 @click.option("--policy", "policy_name", required=True, help="Policy whose changes to stream.")
+@click.option(
+    "--status-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Rewrite this JSON file every 2 s with position, connection state and when the "
+    "destinations last held every change (the daemon reads it for /readyz and /metrics).",
+)
 @policies_option
-def stream(policy_name: str, policies_dir: Path | None) -> None:
+def stream(policy_name: str, status_file: Path | None, policies_dir: Path | None) -> None:
     """Follow the deployment's change stream into slices in every destination, until stopped.
 
     Every source.partial_interval the events gathered become one slice, stored and read back
@@ -101,6 +109,8 @@ def stream(policy_name: str, policies_dir: Path | None) -> None:
     )
     stop = threading.Event()
     interrupted = False
+    if status_file is not None:
+        write_status_every(status_file, streamer.state.as_json, stop)
     with (
         recording_failure(trail, "changes.stream_failed", policy=policy.name, subject=subject),
         policy_lock(settings.state_dir, f"{policy.name}.changes"),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 import structlog
@@ -20,9 +20,6 @@ from drbot.cli.common import (
     recording_failure,
 )
 from drbot.errors import DrbotError, IntegrityFailure, StorageUnavailable, UsageError
-
-if TYPE_CHECKING:
-    from drbot.ops.walstream import WalStreamer
 
 
 @click.group("wal")
@@ -130,7 +127,7 @@ def stream(policy_name: str, status_file: Path | None, policies_dir: Path | None
     )
     interrupted = False
     if status_file is not None:
-        _write_status_every(status_file, streamer, stop)
+        write_status_every(status_file, streamer.state.as_json, stop)
     with (
         recording_failure(trail, "wal.stream_failed", policy=policy.name, subject=subject),
         policy_lock(settings.state_dir, f"{policy.name}.wal"),
@@ -160,14 +157,17 @@ def stream(policy_name: str, status_file: Path | None, policies_dir: Path | None
         raise KeyboardInterrupt
 
 
-def _write_status_every(path: Path, streamer: WalStreamer, stop: threading.Event) -> None:
-    """Rewrite `path` (atomically) with the streamer's state every 2 s, in a daemon thread."""
+def write_status_every(
+    path: Path, state: Callable[[], dict[str, object]], stop: threading.Event
+) -> None:
+    """Rewrite `path` (atomically) with a streamer's `state()` every 2 s, in a daemon thread
+    (the daemon reads it for /readyz and /metrics)."""
     import json
     from datetime import UTC, datetime
 
     def loop() -> None:
         while True:
-            doc = {**streamer.state.as_json(), "pid": os.getpid(), "at": datetime.now(UTC)}
+            doc = {**state(), "pid": os.getpid(), "at": datetime.now(UTC)}
             tmp = path.with_name(path.name + ".tmp")
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)

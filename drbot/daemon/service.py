@@ -11,7 +11,8 @@ job does is decided there, once. What lives here is when and whether jobs run:
   while no daemon held the policy (down, or the lease elsewhere) runs once when the lease is
   taken, unless the next regular run is close anyway; a full backup that never ran here runs
   at once, so a new sidecar does not leave a database unprotected until the first cron time.
-- `incremental: continuous` runs a supervised `drbot wal stream`.
+- `incremental: continuous` runs a supervised `drbot wal stream` (PostgreSQL, physical) or
+  `drbot changes stream` (MongoDB).
 - Every `check_interval`: the newest restorable point (`drbot list --json`: RPO) and whether
   each destination answers; alerts for RPO over target and a streamer down.
 - Every `audit_ship_interval`, and once more when stopping: `drbot audit ship`, so the trail's
@@ -356,13 +357,15 @@ class Daemon:
             storages=storages,
         )
         if policy.schedule.incremental == "continuous":
-            if policy.source.kind == "postgresql" and policy.source.mode == "physical":
+            streams = {"postgresql": ["wal", "stream"], "mongodb": ["changes", "stream"]}
+            if policy.source.kind == "mongodb" or policy.source.mode == "physical":
+                argv = streams[policy.source.kind]
                 rt.streamer = SupervisedStreamer(
                     policy.name,
                     lambda: self._process(
-                        "wal",
+                        argv[0],
                         policy.name,
-                        ["wal", "stream"],
+                        argv,
                         extra=["--status-file", str(self._status_file(policy.name))],
                     ),
                     self._status_file(policy.name),

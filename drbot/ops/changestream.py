@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -55,8 +56,22 @@ class StreamerState:
     slices_shipped: int = 0
     events_shipped: int = 0
     position: str = ""
-    last_ship_at: float | None = None
+    connected: bool = False
+    archived_at: datetime | None = None
+    """When the destinations last held every change the server had: a slice was stored with
+    nothing more to read, or the stream was idle with nothing pending."""
     failed_destinations: dict[str, str] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, object]:
+        """The state for a status file (`drbot changes stream --status-file`)."""
+        return {
+            "position": self.position,
+            "slices_shipped": self.slices_shipped,
+            "events_shipped": self.events_shipped,
+            "connected": self.connected,
+            "archived_at": self.archived_at.isoformat() if self.archived_at else None,
+            "failed_destinations": self.failed_destinations,
+        }
 
 
 def newest_slice(policy: str, storages: Sequence[Storage]) -> tuple[Storage, SliceRef] | None:
@@ -190,6 +205,7 @@ class ChangeStreamer:
         self, stream: ChangeStream[RawBSONDocument], pos: Position, stop: threading.Event
     ) -> None:
         pending = _Pending(pos.time, pos.token)
+        self.state.connected = True
         try:
             while not stop.is_set():
                 try:
@@ -200,14 +216,19 @@ class ChangeStreamer:
                     ) from None
                 due = time.monotonic() - pending.opened >= self._interval
                 if event is None:
+                    # Nothing more to read now: once what is pending is stored, the
+                    # destinations hold everything the server has.
                     if pending.events and due:
                         self._ship(pending)
+                    if not pending.events:
+                        self.state.archived_at = datetime.now(UTC)
                     continue
                 if (due or pending.size >= self._max_bytes) and pending.can_cut_before(event):
                     self._ship(pending)
                 if self._covers(event):
                     pending.add(event)
         finally:
+            self.state.connected = False
             # Stopping (signal, error while reading): what was gathered is still worth keeping,
             # less a transaction whose last events may not have been read yet.
             if pending.trim_open_transaction():
@@ -243,7 +264,6 @@ class ChangeStreamer:
         self.state.slices_shipped += 1
         self.state.events_shipped += len(pending.events)
         self.state.position = ts_text(pending.last_time)
-        self.state.last_ship_at = time.time()
         log.info(
             "changes.slice_shipped",
             policy=self.policy,

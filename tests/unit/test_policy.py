@@ -35,6 +35,7 @@ EXAMPLES_ENV = {
     **ENV,
     "DEMO_DB_URI": "postgresql:///postgres?host=/var/run/postgresql",
     "DRBOT_DATA_DIR": "/var/lib/drbot",
+    "ORDERS_MONGO_URI": "mongodb://drbot:s3cret@mongo-0.internal:27017/?replicaSet=rs0",
 }
 
 
@@ -108,7 +109,7 @@ def test_every_shipped_example_validates_with_its_documented_env() -> None:
     """Every file in policies/ validates with the environment variables its comments list."""
     policies = load_policies(EXAMPLES, EXAMPLES_ENV)
 
-    assert [p.name for p in policies] == ["local-demo", "shop"]
+    assert [p.name for p in policies] == ["local-demo", "orders", "shop"]
     demo = policies[0]
     assert [d.url for d in demo.destinations] == [
         "file:///var/lib/drbot/primary",
