@@ -32,6 +32,17 @@ def build_sandbox(policy: Any, kind: str | None) -> Sandbox:
     from drbot.engines.postgres.localserver import find_bin_dir
 
     kind = kind or policy.drill.sandbox
+    if policy.source.kind == "mongodb":
+        if kind == "process":
+            from drbot.drills.process_sandbox import MongoProcessSandbox
+
+            return MongoProcessSandbox(policy.source.bin_dir)
+        from drbot.drills.docker_sandbox import DockerSandbox
+
+        d = policy.drill
+        return DockerSandbox(
+            image=d.image, pull=d.pull, cpus=d.cpus, memory=d.memory, engine="mongodb"
+        )
     if kind == "process":
         from drbot.drills.process_sandbox import ProcessSandbox
 
@@ -125,7 +136,11 @@ def command(
                 storages=storages,
                 keys=build.build_keys(policy),
                 sandbox=sandbox,
-                bin_dir=find_bin_dir(policy.source.bin_dir, "pg_restore"),
+                bin_dir=(
+                    find_bin_dir(policy.source.bin_dir, "pg_restore")
+                    if policy.source.kind == "postgresql"
+                    else None  # MongoDB drills use no client tools
+                ),
             ),
             at=when,
             from_destination=from_destination,

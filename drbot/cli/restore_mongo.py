@@ -25,7 +25,6 @@ from drbot.ops.changestore import slices_in
 from drbot.ops.mongo_restore import (
     MongoRestorePlan,
     MongoRestoreResult,
-    Selection,
     execute_mongo_restore,
     plan_mongo_restore,
 )
@@ -82,21 +81,24 @@ def restore_mongo(
         for dest, exc in scan.unreachable.items():
             stderr.print(f"Warning: destination {dest} unreachable: {exc}")
         slices = {s.name: refs for s, refs in slices_in(policy.name, storages)}
-        # The selection decides which namespaces count as occupied; the plan parses it again.
-        newest = scan.backups[-1].manifest.databases if scan.backups else ()
-        covers = Selection.parse(newest, ns).covers if newest else (lambda _d, _c: True)
-        occupied = target.occupied(client, target_uri, covers)
-        plan = plan_mongo_restore(
-            scan,
-            slices,
-            policy=policy.name,
-            target=shown_target,
-            occupied=occupied,
-            at=when,
-            from_destination=from_destination,
-            ns=ns,
-            drop=drop,
-        )
+
+        def planned(occupied: list[str]) -> MongoRestorePlan:
+            return plan_mongo_restore(
+                scan,
+                slices,
+                policy=policy.name,
+                target=shown_target,
+                occupied=occupied,
+                at=when,
+                from_destination=from_destination,
+                ns=ns,
+                drop=drop,
+                every_database=policy.source.databases is None,
+            )
+
+        # What counts as occupied depends on what the chosen backup restores.
+        covers = planned([]).selection.covers
+        plan = planned(target.occupied(client, target_uri, covers))
     subject = {"backup_id": plan.backup_id, "target": shown_target}
     trail.record(
         "restore.planned",
@@ -157,7 +159,7 @@ def restore_mongo(
             f"{ts_datetime(result.reached).isoformat()} (cluster time {ts_text(result.reached)}) "
             f"({result.duration_s:.1f}s)"
         )
-    for warning in plan.warnings:
+    for warning in result.warnings:
         stderr.print(f"Warning: {warning}")
 
 
@@ -173,6 +175,7 @@ def _result_json(result: MongoRestoreResult) -> dict[str, Any]:
         "reached_at": ts_datetime(result.reached).isoformat(),
         "fingerprint_checked": True,
         "duration_s": result.duration_s,
+        "warnings": result.warnings,
     }
 
 

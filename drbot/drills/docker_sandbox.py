@@ -40,24 +40,26 @@ LABEL_OWNER = "drbot.owner"
 """host:pid of the drbot process running the drill: the sweep leaves live drills alone."""
 STALE_AFTER = timedelta(days=1)
 """A container of another host's drbot (a shared engine) is swept only when this old."""
-DB_USER = "postgres"
-"""The user official PostgreSQL images guarantee."""
+DB_USERS = {"postgresql": "postgres", "mongodb": "mongodb"}
+"""The server's user, as the official PostgreSQL and MongoDB images guarantee."""
+DEFAULT_IMAGES = {"postgresql": "postgres:{major}", "mongodb": "mongo:{major}"}
 
 
 class DockerSession:
     kind = "docker"
 
-    def __init__(self, container: Container, workdir: Path, image: str) -> None:
+    def __init__(self, container: Container, workdir: Path, image: str, user: str) -> None:
         self.container = container
         self.workdir = workdir
         self.description = image
+        self.user = user
 
     def run(self, argv: Sequence[str], *, root: bool = False) -> subprocess.CompletedProcess[str]:
         from docker.errors import DockerException
 
         try:
             code, output = self.container.exec_run(
-                list(argv), user="root" if root else DB_USER, demux=True
+                list(argv), user="root" if root else self.user, demux=True
             )
         except DockerException as exc:
             raise SandboxUnavailable(f"the drill container is gone: {exc}") from exc
@@ -65,12 +67,12 @@ class DockerSession:
         return completed(argv, int(code or 0), out, err)
 
     def give(self, *paths: Path) -> None:
-        self._root(["chown", "-R", f"{DB_USER}:{DB_USER}", *map(str, paths)])
+        self._root(["chown", "-R", f"{self.user}:{self.user}", *map(str, paths)])
 
     def give_socket_dir(self, path: Path) -> None:
         # The server's user owns it; drbot's own group may enter it (drbot need not be root),
         # nobody else may: the server trusts every connection on that socket.
-        self._root(["chown", f"{DB_USER}:{os.getgid()}", str(path)])
+        self._root(["chown", f"{self.user}:{os.getgid()}", str(path)])
         self._root(["chmod", "0750", str(path)])
 
     def _root(self, argv: list[str]) -> None:
@@ -91,14 +93,16 @@ class DockerSandbox:
         pull: bool = False,
         cpus: float | None = None,
         memory: str | None = None,
+        engine: str = "postgresql",
     ) -> None:
+        self.engine = engine
         self.image = image
         self.pull = pull
         self.cpus = cpus
         self.memory = memory
 
     def image_for(self, major: int) -> str:
-        return self.image or f"postgres:{major}"
+        return self.image or DEFAULT_IMAGES[self.engine].format(major=major)
 
     @contextmanager
     def provision(self, *, policy: str, major: int) -> Iterator[Session]:
@@ -110,7 +114,7 @@ class DockerSandbox:
         try:
             container = _start(client, image, policy, workdir, self.cpus, self.memory)
             log.info("drill.sandbox_started", sandbox="docker", image=image, workdir=str(workdir))
-            yield DockerSession(container, workdir, image)
+            yield DockerSession(container, workdir, image, DB_USERS[self.engine])
         finally:
             _remove(container, workdir)
 

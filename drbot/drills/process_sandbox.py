@@ -8,10 +8,12 @@ removes it; the sweep does the same for work directories whose drbot process is 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -106,6 +108,67 @@ class ProcessSandbox:
 
 
 _: type[Sandbox] = ProcessSandbox
+
+
+class MongoProcessSandbox:
+    """The process sandbox for MongoDB policies: the host's `mongod` in a temp directory,
+    listening on 127.0.0.1 (a free port) and a unix socket there, as drbot's own user."""
+
+    kind = "process"
+
+    def __init__(self, bin_dir: Path | None) -> None:
+        self.bin_dir = bin_dir
+
+    def binaries(self) -> Path:
+        candidates = [self.bin_dir] if self.bin_dir is not None else []
+        found = shutil.which("mongod")
+        if found:
+            candidates.append(Path(found).parent)
+        for candidate in candidates:
+            if (candidate / "mongod").exists():
+                return candidate
+        raise SandboxUnavailable(
+            "the process sandbox needs the mongod program, and this host has none "
+            f"({'not in ' + str(self.bin_dir) if self.bin_dir else 'not on PATH'})",
+            hint="install MongoDB's server, set source.bin_dir to its directory, or use the "
+            "docker sandbox (drill.image, e.g. mongo:7)",
+        )
+
+    @contextmanager
+    def provision(self, *, policy: str, major: int) -> Iterator[Session]:
+        bin_dir = self.binaries()
+        workdir = make_workdir()
+        log.info("drill.sandbox_started", sandbox="process", policy=policy, workdir=str(workdir))
+        try:
+            yield ProcessSession(bin_dir, workdir, None)
+        finally:
+            _remove_mongo(workdir)
+
+    def sweep(self) -> int:
+        removed = 0
+        for workdir in Path(tempfile.gettempdir()).glob(WORKDIR_PREFIX + "*"):
+            if workdir.is_dir() and not owner_alive(workdir) and any(workdir.glob("*/mongod.lock")):
+                _remove_mongo(workdir)
+                removed += 1
+        return removed
+
+
+_m: type[Sandbox] = MongoProcessSandbox
+
+
+def _remove_mongo(workdir: Path) -> None:
+    """Stop a mongod still running from `workdir` (by the pid in its lock file), remove it."""
+    for lock in workdir.glob("*/mongod.lock"):
+        try:
+            pid = int(lock.read_text().strip() or "0")
+        except (OSError, ValueError):
+            continue
+        if pid > 0:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(workdir, ignore_errors=True)
+    if workdir.exists():
+        log.warning("drill.workdir_left", workdir=str(workdir))
 
 
 def _server_major(bin_dir: Path) -> int | None:

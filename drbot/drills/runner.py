@@ -19,7 +19,7 @@ import re
 import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,6 +32,7 @@ from drbot import __version__
 from drbot.catalog import BackupEntry, CatalogScan, scan_catalog
 from drbot.clock import SystemClock
 from drbot.drills import checks as chk
+from drbot.drills import mongo as mongo_drill
 from drbot.drills.physical import (
     SERVER_OPTIONS,
     Inputs,
@@ -47,6 +48,7 @@ from drbot.drills.plan import (
     target_checks,
 )
 from drbot.drills.sandbox import Sandbox, Session
+from drbot.engines.mongodb.position import ts_datetime
 from drbot.engines.postgres.engine import PostgresEngine, uri_field
 from drbot.errors import (
     DrbotError,
@@ -55,6 +57,7 @@ from drbot.errors import (
     NoRestorePoint,
     SandboxUnavailable,
 )
+from drbot.ops.mongo_restore import MongoRestorePlan
 from drbot.ops.pitr import PitrPlan, Target, plan_pitr, read_archive
 from drbot.ops.restore import execute_restore, plan_restore
 from drbot.ops.walstore import KeyCache
@@ -160,8 +163,8 @@ class DrillContext:
     storages: Sequence[Storage]
     keys: KeyProvider
     sandbox: Sandbox
-    bin_dir: Path
-    """The host's PostgreSQL client tools (pg_restore, pg_verifybackup)."""
+    bin_dir: Path | None
+    """The host's PostgreSQL client tools (pg_restore, pg_verifybackup); None for MongoDB."""
 
 
 def run_drill(
@@ -209,10 +212,13 @@ def run_drill(
             with ctx.sandbox.provision(policy=policy.name, major=chosen.major) as session:
                 report.phases["provision"] = time.monotonic() - t_prov
                 report.image = session.description
-                login, dbs = _restore(ctx, report, session, chosen, storage, say)
-                with _phase(report, "checks"):
-                    say("Checking the restored data")
-                    _run_checks(report, session, policy, login, dbs)
+                if chosen.mongo is not None:
+                    _restore_mongo(report, session, chosen, storage, say)
+                else:
+                    login, dbs = _restore(ctx, report, session, chosen, storage, say)
+                    with _phase(report, "checks"):
+                        say("Checking the restored data")
+                        _run_checks(report, session, policy, login, dbs)
                 report.rto_s = time.monotonic() - t0
                 report.checks += target_checks(
                     rto_s=report.rto_s,
@@ -289,6 +295,7 @@ class _Chosen:
     major: int
     pitr: PitrPlan | None = None
     entry: BackupEntry | None = None
+    mongo: MongoRestorePlan | None = None
 
 
 def _choose(
@@ -305,6 +312,22 @@ def _choose(
     if storage.name in scan.unreachable:
         raise scan.unreachable[storage.name]
     keys = KeyCache(ctx.keys)
+    if policy.source.kind == "mongodb":
+        every = policy.source.databases is None
+        mplan = mongo_drill.plan(
+            scan,
+            storage,
+            policy=policy.name,
+            at=at or _random_at(policy, scan, started, rng),
+            every_database=every,
+        )
+        report.backup_id = mplan.backup_id
+        report.target = (
+            "latest" if mplan.target_time is None else ts_datetime(mplan.target_time).isoformat()
+        )
+        latest = mongo_drill.plan(scan, storage, policy=policy.name, at=None, every_database=every)
+        report.rpo_s = max(0.0, (started - ts_datetime(latest.reach)).total_seconds())
+        return _Chosen(scan, keys, _major(scan, mplan.backup_id), mongo=mplan)
     if policy.source.mode == "physical":
         pitr, newest = _plan_physical(policy, scan, storage, keys, started, at, rng)
         report.backup_id, report.target = pitr.backup_id, pitr.target.describe()
@@ -331,6 +354,7 @@ def _restore(
     if chosen.pitr is not None:
         say(f"Fetching base backup {chosen.pitr.backup_id} and {len(chosen.pitr.wal)} WAL file(s)")
         user = _source_user(ctx.policy)
+        assert ctx.bin_dir is not None  # PostgreSQL policies always have their tools found
         job = Inputs(
             session=session,
             scan=chosen.scan,
@@ -357,6 +381,40 @@ def _restore(
     dbs = _logical(ctx, report, session, chosen.entry, chosen.scan, storage, say)
     report.restore_point = chosen.entry.manifest.started_at
     return SANDBOX_SUPERUSER, dbs
+
+
+def _restore_mongo(
+    report: DrillReport,
+    session: Session,
+    chosen: _Chosen,
+    storage: Storage,
+    say: Callable[[str], None],
+) -> None:
+    """Restore a MongoDB policy's backup (and slices) into a mongod in the sandbox."""
+    mplan = chosen.mongo
+    assert mplan is not None
+    with ExitStack() as stack:
+        with _phase(report, "start"):
+            say("Starting an empty mongod")
+            server = stack.enter_context(mongo_drill.sandbox_server(session))
+        with _phase(report, "restore"):
+            say(f"Restoring backup {mplan.backup_id} and {len(mplan.slices)} slice(s)")
+            result = mongo_drill.restore(server, mplan, chosen.scan, storage, chosen.keys)
+        report.restore_point = ts_datetime(result.reached)
+        with _phase(report, "checks"):
+            report.checks += mongo_drill.checks(mplan, result)
+
+
+def _random_at(
+    policy: Policy, scan: CatalogScan, now: datetime, rng: random.Random | None
+) -> datetime | None:
+    """A random moment to drill when the policy picks `random_within` (None: latest)."""
+    within = _random_within(policy)
+    if within is None or not scan.backups:
+        return None
+    earliest = min(b.manifest.completed_at for b in scan.backups)
+    at = pick_time(now, earliest, now, within.random_within, rng or random.SystemRandom())
+    return None if at >= now else at
 
 
 # -- planning (reads the catalog; the choices themselves are pure, in drills.plan) ---------------

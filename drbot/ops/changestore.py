@@ -145,6 +145,29 @@ def decode_changes(chunks: Any, where: str) -> SliceBody:
     )
 
 
+def iter_changes(chunks: Any, where: str) -> Iterator[bytes]:
+    """The raw events of a `mongo_changes` artifact, streamed (a full backup's can be large).
+
+    The header is checked first, the count against the trailer at the end: a mismatch raises
+    `IntegrityFailure` after the last event, so a consumer must treat what it did with them as
+    unfinished until the iteration ends.
+    """
+    count = 0
+    header_seen = False
+    for tag, raw in archive.read_records(chunks, artifact=where):
+        if tag == archive.HEADER:
+            if archive.decode(raw).get("format") != archive.CHANGES_FORMAT:
+                raise IntegrityFailure(f"{where}: not a drbot change-event artifact")
+            header_seen = True
+        elif not header_seen:
+            raise IntegrityFailure(f"{where}: no header record")
+        elif tag == archive.EVENT:
+            count += 1
+            yield raw
+        elif tag == archive.TRAILER and int(archive.decode(raw).get("count", -1)) != count:
+            raise IntegrityFailure(f"{where}: {count} events, its trailer says otherwise")
+
+
 def read_slice(storage: Storage, ref: SliceRef, keys: KeyCache) -> SliceBody:
     """A slice, authenticated and checked against its key's times.
 

@@ -31,15 +31,25 @@ from pymongo.errors import PyMongoError
 from drbot.catalog import scan_catalog
 from drbot.engines.mongodb import archive
 from drbot.engines.mongodb.client import SYSTEM_DATABASES, RawClient, translate, where
+from drbot.engines.mongodb.dump import stream_filter
 from drbot.engines.mongodb.position import ts_key, ts_parse, ts_text
-from drbot.errors import ChangeHistoryLost, NoRestorePoint, StorageUnavailable
-from drbot.ops.changestore import SliceRef, encode_slice, list_slices, read_slice
+from drbot.errors import (
+    ChangeHistoryLost,
+    DrbotError,
+    NoRestorePoint,
+    ObjectNotFound,
+    StorageUnavailable,
+)
+from drbot.ops.changestore import SliceBody, SliceRef, encode_slice, list_slices, read_slice
 from drbot.ops.walstore import KeyCache, WalShipper
 from drbot.pipeline.keys import KeyProvider
 from drbot.storage import layout
 from drbot.storage.base import Storage
 
 log = structlog.get_logger(__name__)
+
+BACKFILL_EVERY_S = 30.0
+"""How often a destination that missed slices is brought up to date again."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,58 @@ def backup_position(policy: str, storages: Sequence[Storage], keys: KeyProvider)
     return None
 
 
+def read_any_copy(storages: Sequence[Storage], ref: SliceRef, keys: KeyCache) -> SliceBody:
+    """The slice `ref` from the first destination whose copy reads back intact."""
+    errors: list[DrbotError] = []
+    for storage in storages:
+        try:
+            return read_slice(storage, ref, keys)
+        except DrbotError as exc:
+            log.warning(
+                "changes.slice_unreadable", destination=storage.name, key=ref.key, error=str(exc)
+            )
+            errors.append(exc)
+    raise errors[0] if errors else ObjectNotFound(f"slice {ref.key} is in no destination")
+
+
+def backfill(
+    policy: str, storages: Sequence[Storage], keys: KeyProvider, shipper: WalShipper
+) -> dict[str, str]:
+    """Copy every slice some destination lacks into it, from a destination that has it.
+
+    A slice that a destination failed to store (down, refused) would otherwise leave a gap
+    there for good. The copy is decrypted and encrypted again under the destination's own
+    wrapping (a KMS key is regional). Returns the destinations still behind, with why.
+    """
+    listed: dict[str, set[str]] = {}
+    behind: dict[str, str] = {}
+    refs: dict[str, SliceRef] = {}
+    for storage in storages:
+        try:
+            found = list_slices(policy, storage)
+        except StorageUnavailable as exc:
+            behind[storage.name] = exc.message
+            continue
+        listed[storage.name] = {r.key for r in found}
+        refs.update({r.key: r for r in found})
+    cache = KeyCache(keys)
+    for key in sorted(refs):
+        missing = [d for d, keys_there in listed.items() if key not in keys_there]
+        if not missing:
+            continue
+        holders = [s for s in storages if s.name in listed and key in listed[s.name]]
+        body = read_any_copy(holders, refs[key], cache)
+        data = encode_slice(
+            body.start_time, body.start_token, body.end_time, body.end_token, body.events
+        )
+        failed = shipper.put(key, data, only=missing)
+        behind.update(failed)
+        for dest in missing:
+            if dest not in failed:
+                log.info("changes.slice_backfilled", policy=policy, key=key, destination=dest)
+    return behind
+
+
 def resume_candidates(
     policy: str, storages: Sequence[Storage], keys: KeyProvider
 ) -> list[Position]:
@@ -108,8 +170,8 @@ def resume_candidates(
     out: list[Position] = []
     found = newest_slice(policy, storages)
     if found is not None:
-        storage, ref = found
-        body = read_slice(storage, ref, KeyCache(keys))
+        _, ref = found
+        body = read_any_copy(storages, ref, KeyCache(keys))
         out.append(Position(body.end_time, body.end_token, f"slice {ref.key}"))
     backup = backup_position(policy, storages, keys)
     if backup is not None and (not out or ts_key(backup.time) > ts_key(out[0].time)):
@@ -150,6 +212,7 @@ class ChangeStreamer:
         self._databases = set(databases) if databases else None
         self._on_gap = on_gap
         self.state = StreamerState()
+        self._backfill_at: float | None = time.monotonic()  # once at start
 
     def _covers(self, event: RawBSONDocument) -> bool:
         ns = event.get("ns")
@@ -166,6 +229,7 @@ class ChangeStreamer:
         for pos in resume_candidates(self.policy, self._storages, self._keys):
             try:
                 stream = self._client.watch(
+                    stream_filter(sorted(self._databases) if self._databases else None),
                     show_expanded_events=True,
                     resume_after=pos.token,
                     start_at_operation_time=None if pos.token else pos.time,
@@ -206,6 +270,7 @@ class ChangeStreamer:
     ) -> None:
         pending = _Pending(pos.time, pos.token)
         self.state.connected = True
+        caught_up = False
         try:
             while not stop.is_set():
                 try:
@@ -214,13 +279,15 @@ class ChangeStreamer:
                     raise translate(
                         exc, f"follow the change stream of {where(self._uri)}"
                     ) from None
+                caught_up = event is None
                 due = time.monotonic() - pending.opened >= self._interval
                 if event is None:
                     # Nothing more to read now: once what is pending is stored, the
                     # destinations hold everything the server has.
                     if pending.events and due:
                         self._ship(pending)
-                    if not pending.events:
+                    self._maybe_backfill()
+                    if not pending.events and not self.state.failed_destinations:
                         self.state.archived_at = datetime.now(UTC)
                     continue
                 if (due or pending.size >= self._max_bytes) and pending.can_cut_before(event):
@@ -229,13 +296,23 @@ class ChangeStreamer:
                     pending.add(event)
         finally:
             self.state.connected = False
-            # Stopping (signal, error while reading): what was gathered is still worth keeping,
-            # less a transaction whose last events may not have been read yet.
-            if pending.trim_open_transaction():
+            # Stopping (signal, error while reading): what was gathered is still worth keeping.
+            # Its last cluster time is complete if the server had nothing more when last
+            # asked; otherwise it may not be (a transaction, a batched write), and is left to
+            # be read again after a restart.
+            if (pending.events and caught_up) or pending.trim_last_cluster_time():
                 try:
                     self._ship(pending)
                 except Exception as exc:  # the original error matters more
                     log.error("changes.final_slice_failed", policy=self.policy, error=str(exc))
+
+    def _maybe_backfill(self) -> None:
+        """Bring destinations that missed slices up to date (at most every BACKFILL_EVERY_S)."""
+        if self._backfill_at is None or time.monotonic() < self._backfill_at:
+            return
+        behind = backfill(self.policy, self._storages, self._keys, self._shipper)
+        self.state.failed_destinations = behind
+        self._backfill_at = time.monotonic() + BACKFILL_EVERY_S if behind else None
 
     def _ship(self, pending: _Pending) -> None:
         """Store the pending slice everywhere; the next one starts where it ends."""
@@ -256,7 +333,10 @@ class ChangeStreamer:
                 f"slice {key} could not be stored anywhere: "
                 + "; ".join(f"{d}: {why}" for d, why in failed.items())
             )
-        self.state.failed_destinations = failed
+        if failed:
+            # Stored somewhere: the history goes on. The others get it by backfill.
+            self.state.failed_destinations = failed
+            self._backfill_at = time.monotonic() + BACKFILL_EVERY_S
         for dest, why in failed.items():
             log.warning(
                 "changes.destination_failed", policy=self.policy, destination=dest, error=why
@@ -303,8 +383,8 @@ class _Pending:
         self.events, self.size = [], 0
         self.opened = time.monotonic()
 
-    def trim_open_transaction(self) -> bool:
-        """Drop a trailing transaction that may be incomplete; whether anything is left."""
+    def trim_last_cluster_time(self) -> bool:
+        """Drop the events of the last cluster time (maybe incomplete); whether any are left."""
         kept = _complete_prefix(self.events)
         if not kept:
             return False
@@ -315,13 +395,12 @@ class _Pending:
 
 
 def _complete_prefix(events: list[bytes]) -> int:
-    """How many leading events to keep when stopping: all, unless the last one belongs to a
-    transaction, whose events (one cluster time) are then dropped to be read again later."""
+    """How many leading events to keep when stopping: all but those of the last cluster time,
+    which may have more events not read yet (a transaction, a batched write): they are read
+    again after a restart, so a slice never ends inside one cluster time."""
     if not events:
         return 0
     last = RawBSONDocument(events[-1])
-    if "txnNumber" not in last:
-        return len(events)
     cut = len(events)
     while cut > 0 and ts_key(RawBSONDocument(events[cut - 1])["clusterTime"]) == ts_key(
         last["clusterTime"]

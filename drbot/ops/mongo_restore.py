@@ -25,7 +25,7 @@ from pymongo import MongoClient
 from drbot.catalog import BackupEntry, CatalogScan
 from drbot.engines.base import Fingerprint, Mismatch, compare_fingerprints
 from drbot.engines.mongodb import archive, target
-from drbot.engines.mongodb.client import RawClient, where
+from drbot.engines.mongodb.client import SYSTEM_DATABASES, RawClient, where
 from drbot.engines.mongodb.dump import CHANGES_KIND, DUMP_KIND
 from drbot.engines.mongodb.load import DumpLoader
 from drbot.engines.mongodb.position import ts_at, ts_datetime, ts_key, ts_parse, ts_text
@@ -46,7 +46,7 @@ from drbot.ops.changestore import (
     SliceBody,
     SliceRef,
     chain_from,
-    decode_changes,
+    iter_changes,
     read_slice,
 )
 from drbot.ops.walstore import KeyCache
@@ -57,16 +57,21 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True)
 class Selection:
-    """Which namespaces a restore covers: whole databases and single collections."""
+    """Which namespaces a restore covers: whole databases and single collections, or (`every`)
+    every database but admin, local and config, including those created after the backup."""
 
     databases: frozenset[str]
     collections: frozenset[tuple[str, str]] = frozenset()
+    every: bool = False
 
     @classmethod
-    def parse(cls, backup_dbs: Sequence[str], ns: Sequence[str]) -> Selection:
-        """`--ns DB` / `--ns DB.COLL` values (none: every database of the backup)."""
+    def parse(
+        cls, backup_dbs: Sequence[str], ns: Sequence[str], *, every_database: bool = False
+    ) -> Selection:
+        """`--ns DB` / `--ns DB.COLL` values (none: every database of the backup, or with
+        `every_database`, which a policy without a `databases:` list means, every one)."""
         if not ns:
-            return cls(frozenset(backup_dbs))
+            return cls(frozenset(backup_dbs), every=every_database)
         dbs: set[str] = set()
         colls: set[tuple[str, str]] = set()
         for item in ns:
@@ -83,13 +88,19 @@ class Selection:
         return cls(frozenset(dbs), frozenset(colls))
 
     def covers(self, db: str, coll: str | None) -> bool:
-        if db in self.databases:
+        if db in self.databases or (self.every and db not in SYSTEM_DATABASES):
             return True
         if coll is None:
             return any(d == db for d, _ in self.collections)
         return (db, coll) in self.collections
 
+    def whole(self, db: str) -> bool:
+        """Whether all of database `db` is covered (not just some of its collections)."""
+        return db in self.databases or (self.every and db not in SYSTEM_DATABASES)
+
     def describe(self) -> list[str]:
+        if self.every:
+            return ["every database but admin, local and config"]
         return sorted(self.databases) + sorted(f"{d}.{c}" for d, c in self.collections)
 
 
@@ -154,6 +165,7 @@ def plan_mongo_restore(
     from_destination: str | None = None,
     ns: Sequence[str] = (),
     drop: bool = False,
+    every_database: bool = False,
 ) -> MongoRestorePlan:
     """Decide the restore. Pure: reads only its arguments.
 
@@ -192,7 +204,7 @@ def plan_mongo_restore(
     consistent = _consistent(backup)
     assert consistent is not None
     manifest = backup.manifest
-    selection = Selection.parse(manifest.databases, ns)
+    selection = Selection.parse(manifest.databases, ns, every_database=every_database)
     if occupied and not drop:
         raise UsageError(
             f"the target already holds data in {', '.join(occupied[:5])}"
@@ -233,9 +245,9 @@ def plan_mongo_restore(
             )
         warnings.append(
             f"the newest stored change is at {where_end}; changes after it, if any, were "
-            "not shipped (streamer behind or stopped) and cannot be restored"
+            "not shipped (streamer behind or stopped) and cannot be restored: the data will "
+            f"be as of {where_end}, not {ts_datetime(limit).isoformat()}"
         )
-        reach = limit
     elif limit is not None:
         reach = limit
     return MongoRestorePlan(
@@ -301,6 +313,7 @@ class MongoRestoreResult:
     duration_s: float
     mismatches: list[Mismatch] = field(default_factory=list)
     events_by_type: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 def execute_mongo_restore(
@@ -332,15 +345,13 @@ def execute_mongo_restore(
     before = set(target.existing(client, uri, covers))
     created: list[str] = []
     try:
-        loader = DumpLoader(client, covers, "")
-        collections: list[str] = []
-        documents = 0
+        loader = DumpLoader(client, covers)
         for rec in plan.dumps:
-            loader = DumpLoader(client, covers, f"{copy.destination}:{rec.key}")
-            stats = loader.load(_counted(read_artifact(storage, rec, copy.data_key), rec, progress))
-            collections += stats.collections
-            created += stats.collections
-            documents += stats.documents
+            loader.load(
+                _counted(read_artifact(storage, rec, copy.data_key), rec, progress),
+                f"{copy.destination}:{rec.key}",
+            )
+            created = list(loader.stats.collections)
         actual = target.fingerprint(client, uri, plan.expected.tables)
         mismatches = compare_fingerprints(plan.expected, actual)
         if mismatches:
@@ -350,16 +361,17 @@ def execute_mongo_restore(
                     f"{m.table}: {m.problem} {m.expected} != {m.actual}" for m in mismatches
                 )
             )
-        replayer = Replayer(exact, covers)
+        replayer = Replayer(exact, covers, plan.selection.whole)
         if plan.changes is not None:
-            body = decode_changes(
+            own = iter_changes(
                 read_artifact(storage, plan.changes, copy.data_key),
                 f"{copy.destination}:{plan.changes.key}",
             )
-            replayer.fuzzy = True
-            for g in group(archive.decode(e) for e in body.events):
+            replayer.fuzzy, replayer.schema = True, loader
+            for g in group(archive.decode(e) for e in own):
                 replayer.apply_group(g)
-            replayer.fuzzy = False
+            replayer.fuzzy, replayer.schema = False, None
+        loader.finish()
         reached = plan.consistent_time
         if plan.slices:
             assert plan.slice_source is not None
@@ -385,14 +397,22 @@ def execute_mongo_restore(
     return MongoRestoreResult(
         backup_id=plan.backup_id,
         source=copy.destination,
-        collections=collections,
-        documents=documents,
+        collections=list(loader.stats.collections),
+        documents=loader.stats.documents,
         events_applied=replayer.stats.events,
         reached=reached,
         duration_s=round(time.monotonic() - t0, 3),
         mismatches=[],
         events_by_type=dict(replayer.stats.by_type),
+        warnings=list(plan.warnings) + _summarized(replayer.stats.warnings),
     )
+
+
+def _summarized(warnings: list[str], limit: int = 10) -> list[str]:
+    """At most `limit` warnings, then how many more there were."""
+    if len(warnings) <= limit:
+        return list(warnings)
+    return [*warnings[:limit], f"... and {len(warnings) - limit} more like these"]
 
 
 def _counted(
@@ -409,27 +429,27 @@ def _counted(
 def _slice_events(
     storages: Sequence[Storage], refs: Sequence[SliceRef], keys: KeyCache, after: Timestamp
 ) -> Iterator[dict[str, Any]]:
-    """Events of a chain of slices (`chain_from`) newer than `after`, each slice contributing
-    only what is newer than the end of the one before it. A slice that starts exactly where the
-    previous one ended must start with the token that one ended at. Each slice is read from the
-    first of `storages` whose copy is intact (a damaged or missing copy is logged and the next
-    one tried)."""
+    """Events of a chain of slices (`chain_from`) that come after the backup's moment `after`.
+
+    The first slice, which covers `after`, contributes its events newer than `after` (the
+    backup holds every event up to it). A slice starting exactly where the previous one ended
+    must start with the token that one ended at, and contributes all its events; one that
+    overlaps the previous (a restart from another destination's copy) only those newer than the
+    previous end. Each slice is read from the first of `storages` whose copy is intact (a
+    damaged or missing copy is logged and the next one tried)."""
     previous: str | None = None
     pos = ts_key(after)
     for ref in refs:
         body = _read_any(storages, ref, keys)
-        if (
-            previous is not None
-            and ref.start == pos
-            and archive.token_text(body.start_token) != previous
-        ):
+        continues = previous is not None and ref.start == pos
+        if continues and archive.token_text(body.start_token) != previous:
             raise IntegrityFailure(
                 f"{ref.key}: starts at another resume token than the previous slice ended "
                 "at (the chain is broken)"
             )
         for raw in body.events:
             event = archive.decode(raw)
-            if ts_key(event["clusterTime"]) > pos:
+            if continues or ts_key(event["clusterTime"]) > pos:
                 yield event
         previous = archive.token_text(body.end_token)
         pos = ref.end

@@ -215,8 +215,10 @@ def test_point_in_time_restores_of_a_random_workload_match_snapshots(menv: Mongo
         stderr=subprocess.PIPE,
         text=True,
     )
+    work.renames = False  # a rename during the dump fails the backup (tested on its own)
     while backup.poll() is None:  # the dump reads while the workload writes
         work.run(5)
+    work.renames = True
     out, err = backup.communicate()
     assert backup.returncode == 0, err
     positions = json.loads(out)["positions"]
@@ -574,3 +576,54 @@ def test_a_damaged_slice_is_read_from_the_other_destination(menv: MongoEnv) -> N
     )
     res = e.run("verify", "--policy", "orders")
     assert res.returncode == 13 and res.stderr.count("BAD") == 2, res.stderr
+
+
+def test_drill_restores_into_a_throwaway_server_and_keeps_the_evidence(
+    tmp_path: Path,
+    mongo_server: MongoServer,
+    mongo_target: MongoServer,
+    mongo_db: str,
+    s3_server: S3Server,
+) -> None:
+    """`drbot drill` in the process sandbox. There is no mongod on these machines: the
+    sandbox's `mongod` is tests/fixtures/mongod_shim.py running SecantusDB (with a real
+    mongod on PATH that one is used). The docker sandbox (an image such as mongo:7) cannot be
+    provisioned here."""
+    import shutil as sh
+
+    from tests.fixtures.mongod_shim import install
+
+    e = make_env(tmp_path, mongo_server, mongo_target, s3_server, mongo_db)
+    real = sh.which("mongod")
+    bin_dir = Path(real).parent if real else install(tmp_path / "bin")
+    policy = e.tmp / "policies" / "orders.yaml"
+    policy.write_text(
+        policy.read_text().replace(
+            "  partial_interval: 1s\n", f"  partial_interval: 1s\n  bin_dir: {bin_dir}\n"
+        )
+        + "drill:\n  sandbox: process\n"
+    )
+    db = e.client()[e.database]
+    db["c"].insert_many([{"_id": i, "n": i} for i in range(100)])
+    e.ok("backup", "--policy", "orders")
+    streamer = e.start_streamer()
+    db["c"].update_many({}, {"$inc": {"n": 1}})
+    ts, _ = checkpoint(e.client(), e.database)
+    wait_for_slices_past(e, ts)
+    assert e.stop_streamer(streamer) == 130
+
+    before = set(Path("/tmp").glob("drbot-drill-*"))
+    res = e.run("drill", "--policy", "orders", "--json", timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["passed"] is True and out["sandbox"] == "process", out
+    checks = {c["name"]: c for c in out["checks"]}
+    assert checks["fingerprint"]["passed"] and "101 document(s)" in checks["fingerprint"]["detail"]
+    assert (
+        checks["restore_point"]["passed"]
+        and "100 change(s) replayed" in (checks["restore_point"]["detail"])
+    ), checks
+    assert {"rto", "rpo"} <= set(checks) and out["rto_s"] > 0
+    assert out["stored_in"] == ["primary", "replica"] or out["stored_in"] == ["primary"]
+    assert "drill.completed" in [ev["action"] for ev in e.events()]
+    assert set(Path("/tmp").glob("drbot-drill-*")) == before  # the sandbox is gone

@@ -657,12 +657,12 @@ def test_a_gap_after_the_target_does_not_matter() -> None:
     assert plan.warnings == ()
 
 
-def test_a_target_beyond_the_last_slice_warns_and_still_names_the_target() -> None:
+def test_a_target_beyond_the_last_slice_warns_and_reaches_the_last_change() -> None:
     plan = _plan(at=_at(400))
     assert plan.backup_id == B2
     assert plan.slices == (_s(150, 250), _s(250, 300))
-    assert plan.reach == Timestamp(T + 400, 0xFFFFFFFF)
-    assert plan.reach == plan.target_time
+    assert plan.target_time == Timestamp(T + 400, 0xFFFFFFFF)
+    assert plan.reach == Timestamp(T + 300, 1)  # what the stored changes prove, not the target
     assert len(plan.warnings) == 1
     assert plan.warnings[0].startswith(
         f"the newest stored change is at {_at(300).isoformat()}; changes after it"

@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bson.codec_options import CodecOptions
+from bson.errors import InvalidBSON
 from bson.raw_bson import RawBSONDocument
 from pymongo import MongoClient
 from pymongo.errors import (
@@ -22,6 +23,7 @@ from pymongo.errors import (
 from drbot.errors import ChangeHistoryLost, DatabaseError, SourceUnavailable, UsageError
 
 SYSTEM_DATABASES = ("admin", "local", "config")
+MIN_WIRE_VERSION = 17  # MongoDB 6.0: change streams with expanded (DDL) events
 HISTORY_LOST = 286  # ChangeStreamHistoryLost
 _FATAL_RESUME = frozenset((HISTORY_LOST, 280))  # 280: ChangeStreamFatalError (token not found)
 
@@ -46,6 +48,9 @@ def connect(uri: str, *, timeout_s: float = 10.0) -> RawClient:
             document_class=RawBSONDocument,
             serverSelectionTimeoutMS=int(timeout_s * 1000),
             connectTimeoutMS=int(timeout_s * 1000),
+            # A partitioned network must fail a backup, not hang it: no single reply (a batch
+            # of documents, a change-stream getMore) takes minutes.
+            socketTimeoutMS=300_000,
             appname="drbot",
             tz_aware=True,
         )
@@ -72,11 +77,13 @@ def translate(exc: PyMongoError, what: str) -> Exception:
 
 @contextlib.contextmanager
 def translated(what: str) -> Iterator[None]:
-    """Run a block, turning pymongo's errors into drbot's."""
+    """Run a block, turning pymongo's (and the bson codec's) errors into drbot's."""
     try:
         yield
     except PyMongoError as exc:
         raise translate(exc, what) from None
+    except InvalidBSON as exc:
+        raise DatabaseError(f"{what}: the server sent BSON that cannot be read: {exc}") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -91,6 +98,7 @@ class Topology:
     kind: str  # "replica_set" | "sharded" | "standalone"
     set_name: str | None
     server_version: str
+    wire_version: int = 0
 
     @property
     def has_change_streams(self) -> bool:
@@ -108,4 +116,16 @@ def topology(client: RawClient, uri: str) -> Topology:
         kind = "replica_set"
     else:
         kind = "standalone"
-    return Topology(kind=kind, set_name=hello.get("setName"), server_version=version)
+    topo = Topology(
+        kind=kind,
+        set_name=hello.get("setName"),
+        server_version=version,
+        wire_version=int(hello.get("maxWireVersion", 0)),
+    )
+    if topo.has_change_streams and topo.wire_version < MIN_WIRE_VERSION:
+        raise DatabaseError(
+            f"{where(uri)} runs MongoDB {version}: drbot needs 6.0 or newer, whose change "
+            "streams report collection and index changes (showExpandedEvents)",
+            hint="upgrade the deployment, or back it up with mongodump meanwhile",
+        )
+    return topo

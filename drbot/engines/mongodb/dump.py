@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, cast
 
 import structlog
@@ -21,11 +21,13 @@ from bson.raw_bson import RawBSONDocument
 from bson.timestamp import Timestamp
 from pymongo.change_stream import ChangeStream
 from pymongo.errors import PyMongoError
+from pymongo.read_concern import ReadConcern
 
 from drbot.engines.base import Fingerprint, TableFingerprint
 from drbot.engines.mongodb import archive
 from drbot.engines.mongodb.client import (
     PLAIN,
+    SYSTEM_DATABASES,
     RawClient,
     Topology,
     translate,
@@ -49,6 +51,32 @@ def operation_time(client: RawClient) -> Timestamp | None:
     reply = client.admin.command("ping", codec_options=PLAIN)
     ts = reply.get("operationTime")
     return ts if isinstance(ts, Timestamp) else None
+
+
+def majority_time(client: RawClient, db: str) -> Timestamp | None:
+    """The deployment's majority commit point: the operation time of a majority read.
+
+    Change streams return only majority-committed events, so every event up to this time can
+    be read from the stream; the last applied write (a ping's operation time) may be later.
+    """
+    reply = client[db].command(
+        "find",
+        "drbot.majority.probe",  # never created: a find on a missing collection is empty
+        filter={},
+        limit=1,
+        readConcern={"level": "majority"},
+        codec_options=PLAIN,
+    )
+    ts = reply.get("operationTime")
+    return ts if isinstance(ts, Timestamp) else operation_time(client)
+
+
+def stream_filter(databases: Sequence[str] | None) -> list[dict[str, Any]]:
+    """A change stream pipeline keeping only events of `databases` (None: every database but
+    admin, local and config) and events of no namespace (invalidate), so the server sends
+    nothing else."""
+    dbs = {"$in": list(databases)} if databases is not None else {"$nin": list(SYSTEM_DATABASES)}
+    return [{"$match": {"$or": [{"ns.db": dbs}, {"ns": {"$exists": False}}]}}]
 
 
 def split_batch(batch: bytes) -> Iterator[memoryview]:
@@ -104,6 +132,10 @@ class DatabaseDump:
         name = str(info["name"])
         kind = str(info.get("type", "collection"))
         coll = self._client[db][name]
+        if self._topology.has_change_streams:
+            # Only majority-committed data: all of it is in the change stream, so nothing the
+            # dump reads can be a write the backup's events then miss.
+            coll = coll.with_options(read_concern=ReadConcern("majority"))
         indexes = (
             [] if kind == "view" else list(coll.with_options(codec_options=PLAIN).list_indexes())
         )
@@ -158,16 +190,22 @@ class ChangeWatcher(threading.Thread):
     are raised again by `finish`.
     """
 
-    def __init__(self, client: RawClient, uri: str) -> None:
+    def __init__(
+        self, client: RawClient, uri: str, databases: Sequence[str], *, only_these: bool
+    ) -> None:
         super().__init__(name="drbot-mongo-watch", daemon=True)
         self._client = client
         self._uri = uri
+        self._databases = list(databases)
         with translated(f"open the change stream of {where(uri)}"):
             self.start_time = operation_time(client)
             self._stream: ChangeStream[RawBSONDocument] = client.watch(
-                show_expanded_events=True, max_await_time_ms=200
+                stream_filter(databases if only_these else None),
+                show_expanded_events=True,
+                max_await_time_ms=200,
             )
             self.start_token = self._stream.resume_token
+        self.renames: list[str] = []
         self._spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY)  # noqa: SIM115
         self._until: Timestamp | None = None
         self._stop = threading.Event()
@@ -181,9 +219,12 @@ class ChangeWatcher(threading.Thread):
         try:
             idle_after_until = 0
             while not self._stop.is_set():
+                armed = self._until is not None
                 event = self._stream.try_next()
                 if event is None:
-                    if self._until is not None:
+                    # An empty answer begun after `until` was set means the stream has read
+                    # everything majority-committed then, which includes all up to `until`.
+                    if armed:
                         idle_after_until += 1
                         if idle_after_until >= 2:
                             break
@@ -195,6 +236,9 @@ class ChangeWatcher(threading.Thread):
                     # cluster time, so a backup holds all of one or none of it.
                     break
                 self._spool.write(archive.record(archive.EVENT, bytes(event.raw)))
+                if event.get("operationType") == "rename":
+                    ns = event["ns"]
+                    self.renames.append(f"{ns.get('db')}.{ns.get('coll')}")
                 self.count += 1
                 self.last_time = ts
                 self.end_token = event["_id"]
@@ -207,18 +251,28 @@ class ChangeWatcher(threading.Thread):
             self._done.set()
 
     def finish(self) -> tuple[Timestamp, Any]:
-        """Read on until the stream has passed the current operation time, then stop.
+        """Read on until the stream has passed the majority commit point, then stop.
 
-        Returns (consistent time, resume token after the last event kept).
+        Returns (consistent time, resume token after the last event kept). Raises
+        `DatabaseError` if a collection was renamed while the dump ran.
         """
         with translated(f"read the change stream of {where(self._uri)}"):
-            until = operation_time(self._client)
+            until = majority_time(self._client, self._databases[0] if self._databases else "admin")
         self._until = until or self.last_time or self.start_time
         self._done.wait()
         if self._error is not None:
             if isinstance(self._error, PyMongoError):
                 raise translate(self._error, f"follow the change stream of {where(self._uri)}")
             raise self._error
+        if self.renames:
+            # A rename moves data the dump may have read under either name, or under neither;
+            # no replay can tell which (mongodump --oplog refuses this as well).
+            raise DatabaseError(
+                f"{', '.join(sorted(set(self.renames)))} was renamed while the dump ran, so "
+                "this backup cannot be made consistent; it was discarded",
+                hint="run the backup again (the daemon does at the next schedule); avoid "
+                "renameCollection and $out into backed-up databases during backups",
+            )
         candidates = [t for t in (self._until, self.last_time, self.start_time) if t is not None]
         if not candidates:
             raise DatabaseError(f"{where(self._uri)} reports no cluster time")

@@ -86,7 +86,9 @@ class MongoEngine:
         dumps: list[DumpStream] = []
         watcher = None
         if topo.has_change_streams:
-            watcher = ChangeWatcher(self.client, self.uri)
+            watcher = ChangeWatcher(
+                self.client, self.uri, databases, only_these=self._wanted is not None
+            )
             watcher.start()
         dumps.extend(DatabaseDump(self.client, self.uri, db, topo) for db in databases)
         if watcher is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from bson.timestamp import Timestamp
@@ -80,6 +80,20 @@ def select(groups: Iterable[list[Event]], until: Timestamp | None) -> Iterator[l
         yield g
 
 
+class SchemaReplay(Protocol):
+    """Told of DDL replayed while a loader still holds indexes and views back (load.py)."""
+
+    def created_indexes(self, db: str, name: str, specs: list[dict[str, Any]]) -> None: ...
+
+    def dropped_indexes(self, db: str, name: str, index_names: list[str]) -> None: ...
+
+    def dropped_collection(self, db: str, name: str) -> None: ...
+
+    def dropped_database(self, db: str) -> None: ...
+
+    def renamed(self, db: str, name: str, to_db: str, to_name: str) -> None: ...
+
+
 @dataclass
 class ReplayStats:
     events: int = 0
@@ -87,19 +101,29 @@ class ReplayStats:
     conflicts_skipped: int = 0
     last_time: Timestamp | None = None
     by_type: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    """What the replay could not make exact, for the person restoring (shown, audited)."""
 
 
 class Replayer:
     """Applies events to the target `client` (a client decoding documents exactly)."""
 
-    def __init__(self, client: MongoClient[dict[str, Any]], covers: NamespaceFilter) -> None:
+    def __init__(
+        self,
+        client: MongoClient[dict[str, Any]],
+        covers: NamespaceFilter,
+        whole: Callable[[str], bool] | None = None,
+    ) -> None:
         self._client = client
         self._covers = covers
+        self._whole = whole or (lambda db: covers(db, None))
         self.stats = ReplayStats()
         self.fuzzy = False
         """Set while replaying a full backup's own events over its dump, whose documents may
         already show later events: an update path that no longer fits is then skipped (a
         later event settles it) instead of failing the restore."""
+        self.schema: SchemaReplay | None = None
+        """Told of replayed DDL while indexes and views are still held back."""
 
     def apply_group(self, events: list[Event]) -> None:
         for event in events:
@@ -111,6 +135,8 @@ class Replayer:
         db, coll = ns.get("db"), ns.get("coll")
         self.stats.last_time = event.get("clusterTime", self.stats.last_time)
         if op in _IGNORED or db is None or not self._covers(db, coll):
+            if op == "rename":
+                self._renamed_in_from_outside(event, db, coll)
             self.stats.skipped += 1
             return
         handler = getattr(self, f"_op_{op}", None)
@@ -123,10 +149,26 @@ class Replayer:
         self.stats.events += 1
         self.stats.by_type[op] = self.stats.by_type.get(op, 0) + 1
 
+    def _renamed_in_from_outside(self, event: Event, db: str | None, coll: str | None) -> None:
+        to = (event.get("operationDescription") or {}).get("to") or event.get("to") or {}
+        if to and self._covers(str(to.get("db")), to.get("coll")):
+            self.stats.warnings.append(
+                f"{db}.{coll} was renamed onto {to.get('db')}.{to.get('coll')}, which is "
+                "restored, from outside what is restored: that collection's data from then on "
+                "is not in this restore (restore the source namespace too)"
+            )
+
     # -- documents --------------------------------------------------------------------------
 
     def _op_insert(self, event: Event, db: str, coll: str) -> None:
-        self._client[db][coll].replace_one(event["documentKey"], event["fullDocument"], upsert=True)
+        # Validation was done by the source when the write happened; a validator changed
+        # since (its own event, also replayed) must not refuse what the source accepted.
+        self._client[db][coll].replace_one(
+            event["documentKey"],
+            event["fullDocument"],
+            upsert=True,
+            bypass_document_validation=True,
+        )
 
     _op_replace = _op_insert
 
@@ -135,7 +177,13 @@ class Replayer:
         key = event["documentKey"]
         doc = target.find_one(key)
         if doc is None:
-            # Deleted later in the history the dump already reflects; its delete follows.
+            if not self.fuzzy:
+                # Over an exact state every updated document exists: this one does not, so the
+                # restored data has drifted from the source's somewhere before.
+                self.stats.warnings.append(
+                    f"an update of {db}.{coll} {key!r} found no document to update"
+                )
+            # Over the fuzzy dump: deleted later in the history the dump already shows.
             self.stats.skipped += 1
             return
         try:
@@ -146,7 +194,7 @@ class Replayer:
             )
         except UpdateConflict as exc:
             raise DatabaseError(f"replay update of {db}.{coll} {key!r}: {exc}") from None
-        target.replace_one(key, doc)
+        target.replace_one(key, doc, bypass_document_validation=True)
 
     def _skip_conflict(self, exc: UpdateConflict) -> None:
         self.stats.conflicts_skipped += 1
@@ -161,24 +209,37 @@ class Replayer:
         options = dict(event.get("operationDescription") or {})
         options.pop("idIndex", None)
         try:
-            self._client[db].create_collection(coll, **options)
+            self._client[db].create_collection(coll, check_exists=False, **options)
         except OperationFailure as exc:
             if exc.code != _NAMESPACE_EXISTS:
                 raise
 
     def _op_drop(self, event: Event, db: str, coll: str) -> None:
         self._client[db].drop_collection(coll)
+        if self.schema is not None:
+            self.schema.dropped_collection(db, coll)
 
     def _op_dropDatabase(self, event: Event, db: str, coll: str | None) -> None:  # noqa: N802
+        if not self._whole(db):
+            # Only some collections of it are restored: drop those, not the rest of the
+            # target's database.
+            for name in self._client[db].list_collection_names():
+                if self._covers(db, name):
+                    self._op_drop(event, db, name)
+            return
         self._client.drop_database(db)
+        if self.schema is not None:
+            self.schema.dropped_database(db)
 
     def _op_rename(self, event: Event, db: str, coll: str) -> None:
         desc = event.get("operationDescription") or {}
         to = desc.get("to") or event.get("to") or {}
         if not self._covers(str(to.get("db")), to.get("coll")):
             # Renamed out of what is being restored: as seen from here, it was dropped.
-            self._client[db].drop_collection(coll)
+            self._op_drop(event, db, coll)
             return
+        if self.schema is not None:
+            self.schema.renamed(db, coll, str(to["db"]), str(to["coll"]))
         try:
             self._client.admin.command(
                 "renameCollection",
@@ -192,11 +253,19 @@ class Replayer:
 
     def _op_createIndexes(self, event: Event, db: str, coll: str) -> None:  # noqa: N802
         specs = (event.get("operationDescription") or {}).get("indexes") or []
+        if self.schema is not None:
+            # Over the fuzzy dump, a unique index could refuse a document an older event
+            # brings back for a moment: it is built with the dump's, after this replay.
+            self.schema.created_indexes(db, coll, specs)
+            return
         if specs:
             self._client[db].command("createIndexes", coll, indexes=[_index_spec(s) for s in specs])
 
     def _op_dropIndexes(self, event: Event, db: str, coll: str) -> None:  # noqa: N802
-        for spec in (event.get("operationDescription") or {}).get("indexes") or []:
+        specs = (event.get("operationDescription") or {}).get("indexes") or []
+        if self.schema is not None:
+            self.schema.dropped_indexes(db, coll, [str(s.get("name")) for s in specs])
+        for spec in specs:
             try:
                 self._client[db][coll].drop_index(spec["name"])
             except OperationFailure as exc:
