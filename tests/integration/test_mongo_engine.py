@@ -60,3 +60,39 @@ def test_a_database_the_policy_names_must_exist(mongo_server: MongoServer) -> No
     with pytest.raises(NoRestorePoint, match="has no database no_such_db_here"):
         engine.probe()
     engine.close()
+
+
+def test_collections_read_in_parallel_come_out_one_after_the_other(
+    mongo_server: MongoServer, mongo_db: str
+) -> None:
+    sizes = {"a": 3000, "b": 0, "c": 1, "d": 2500, "e": 700}
+    with mongo_server.client() as client:
+        for name, n in sizes.items():
+            client[mongo_db].create_collection(name)
+            if n:
+                client[mongo_db][name].insert_many([{"_id": i, "pad": "x" * 400} for i in range(n)])
+    engine = MongoEngine(mongo_server.uri, [mongo_db])
+    dump = engine.full_dumps()[0]
+    records = list(archive.read_records(list(dump.chunks())))
+    seen: list[tuple[str, int]] = []
+    current: str | None = None
+    count = 0
+    for tag, raw in records[1:-1]:
+        if tag == archive.COLLECTION:
+            assert current is None, "a collection began inside another"
+            current, count = archive.decode(raw)["name"], 0
+        elif tag == archive.DOCUMENT:
+            assert current is not None
+            count += 1
+        elif tag == archive.END:
+            end = archive.decode(raw)
+            assert current is not None and end["name"] == current and end["count"] == count
+            seen.append((current, count))
+            current = None
+    assert seen == sorted(sizes.items())
+    fingerprint = dump.fingerprint()
+    assert fingerprint is not None
+    assert {k: t.rows for k, t in fingerprint.tables.items()} == {
+        f"{mongo_db}.{k}": v for k, v in sizes.items()
+    }
+    engine.close()

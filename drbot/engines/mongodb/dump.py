@@ -11,6 +11,8 @@ dump runs, so a long dump neither holds them in memory nor lets the history roll
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
@@ -43,6 +45,9 @@ log = structlog.get_logger(__name__)
 DUMP_KIND = "mongo_dump"
 CHANGES_KIND = "mongo_changes"
 _SPOOL_IN_MEMORY = 16 << 20
+PARALLEL = 2
+"""Collections read at once (each on its own connection) in one database's dump."""
+_QUEUE_CHUNKS = 8
 _CHUNK = 1 << 20
 
 
@@ -124,9 +129,60 @@ class DatabaseDump:
                 {"format": archive.DUMP_FORMAT, "version": archive.VERSION, "database": db},
             )
             infos = user_collections(self._client, db)
-            for info in infos:
-                yield from self._collection(db, info)
+            yield from self._in_parallel(db, infos)
             yield archive.record(archive.TRAILER, {"database": db, "collections": len(infos)})
+
+    def _in_parallel(self, db: str, infos: list[dict[str, Any]]) -> Iterator[bytes]:
+        """Every collection's records, in order, read `PARALLEL` collections at a time.
+
+        Each reader fills a queue of at most `_QUEUE_CHUNKS` chunks of about 1 MiB, so memory
+        stays bounded whatever the collections' sizes; the artifact still holds one collection
+        after the other.
+        """
+        pending = list(infos)
+        running: list[tuple[queue.Queue[bytes | BaseException | None], threading.Thread]] = []
+
+        def start_next() -> None:
+            if not pending:
+                return
+            info = pending.pop(0)
+            q: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=_QUEUE_CHUNKS)
+            t = threading.Thread(
+                target=self._read_into, args=(db, info, q), name="drbot-mongo-dump", daemon=True
+            )
+            t.start()
+            running.append((q, t))
+
+        try:
+            for _ in range(PARALLEL):
+                start_next()
+            while running:
+                q, _t = running[0]
+                while (item := q.get()) is not None:
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+                running.pop(0)
+                start_next()
+        finally:
+            self._cancelled.set()  # readers still running stop at their next batch
+            for q, t in running:
+                while t.is_alive():
+                    with contextlib.suppress(queue.Empty):
+                        q.get(timeout=0.1)  # unblock a reader waiting for room
+            self._cancelled.clear()
+
+    def _read_into(
+        self, db: str, info: dict[str, Any], q: queue.Queue[bytes | BaseException | None]
+    ) -> None:
+        try:
+            for chunk in self._collection(db, info):
+                q.put(chunk)
+                if self._cancelled.is_set():
+                    return
+            q.put(None)
+        except BaseException as exc:  # raised again by the consumer, in its thread
+            q.put(exc)
 
     def _collection(self, db: str, info: dict[str, Any]) -> Iterator[bytes]:
         name = str(info["name"])
