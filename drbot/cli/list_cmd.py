@@ -63,11 +63,13 @@ def _mongo_windows(
 ) -> dict[str, dict[str, Any]]:
     from bson.timestamp import Timestamp
 
-    from drbot.engines.mongodb.position import ts_datetime, ts_key, ts_parse, ts_text
-    from drbot.ops.changestore import slices_in
+    from drbot.engines.mongodb.position import ts_at, ts_datetime, ts_key, ts_parse, ts_text
+    from drbot.ops.changestore import read_heartbeat, slices_in
     from drbot.ops.mongo_restore import best_chain
+    from drbot.ops.walstore import KeyCache
 
     slices = {s.name: refs for s, refs in slices_in(policy.name, storages)}
+    beat = read_heartbeat(policy.name, storages, KeyCache(build.build_keys(policy)))
     out: dict[str, dict[str, Any]] = {}
     for b in scan.backups:
         text = b.manifest.positions.get("consistent_time")
@@ -76,6 +78,9 @@ def _mongo_windows(
         start = ts_key(ts_parse(str(text)))
         source, run, gap = best_chain(slices, None, start)
         end = max([start] + [r.end for r in run])
+        if beat is not None and beat.end == end and gap is None:
+            # Confirmed current at the heartbeat: nothing changed between end and then.
+            end = max(end, ts_key(ts_at(beat.time)))
         reach = Timestamp(end >> 32, end & 0xFFFFFFFF)
         out[b.backup_id] = {
             "from_time": b.manifest.positions.get("consistent_at"),

@@ -21,7 +21,7 @@ from drbot.cli.restore_dir import parse_at
 from drbot.engines.mongodb.position import ts_datetime, ts_text
 from drbot.errors import UsageError
 from drbot.log import redact_text
-from drbot.ops.changestore import slices_in
+from drbot.ops.changestore import read_heartbeat, slices_in
 from drbot.ops.mongo_restore import (
     MongoRestorePlan,
     MongoRestoreResult,
@@ -81,6 +81,7 @@ def restore_mongo(
         for dest, exc in scan.unreachable.items():
             stderr.print(f"Warning: destination {dest} unreachable: {exc}")
         slices = {s.name: refs for s, refs in slices_in(policy.name, storages)}
+        beat = read_heartbeat(policy.name, storages, KeyCache(keys))
 
         def planned(occupied: list[str]) -> MongoRestorePlan:
             return plan_mongo_restore(
@@ -94,6 +95,7 @@ def restore_mongo(
                 ns=ns,
                 drop=drop,
                 every_database=policy.source.databases is None,
+                heartbeat=beat,
             )
 
         # What counts as occupied depends on what the chosen backup restores.

@@ -30,7 +30,7 @@ from drbot.engines.mongodb.archive import EXACT
 from drbot.engines.mongodb.client import connect
 from drbot.engines.mongodb.position import ts_datetime
 from drbot.errors import SandboxUnavailable
-from drbot.ops.changestore import slices_in
+from drbot.ops.changestore import read_heartbeat, slices_in
 from drbot.ops.mongo_restore import (
     MongoRestorePlan,
     MongoRestoreResult,
@@ -122,6 +122,7 @@ def plan(
     policy: str,
     at: datetime | None,
     every_database: bool,
+    keys: KeyCache,
 ) -> MongoRestorePlan:
     """The restore a drill of `storage` performs (a pure choice, like `drbot restore`'s)."""
     slices = {s.name: refs for s, refs in slices_in(policy, [storage])}
@@ -134,6 +135,7 @@ def plan(
         at=at,
         from_destination=storage.name,
         every_database=every_database,
+        heartbeat=read_heartbeat(policy, [storage], keys),
     )
 
 

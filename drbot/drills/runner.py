@@ -320,12 +320,15 @@ def _choose(
             policy=policy.name,
             at=at or _random_at(policy, scan, started, rng),
             every_database=every,
+            keys=keys,
         )
         report.backup_id = mplan.backup_id
         report.target = (
             "latest" if mplan.target_time is None else ts_datetime(mplan.target_time).isoformat()
         )
-        latest = mongo_drill.plan(scan, storage, policy=policy.name, at=None, every_database=every)
+        latest = mongo_drill.plan(
+            scan, storage, policy=policy.name, at=None, every_database=every, keys=keys
+        )
         report.rpo_s = max(0.0, (started - ts_datetime(latest.reach)).total_seconds())
         return _Chosen(scan, keys, _major(scan, mplan.backup_id), mongo=mplan)
     if policy.source.mode == "physical":

@@ -9,18 +9,23 @@ at. A slice starts exactly where the previous one ended; where one does not, the
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
+import structlog
 from bson.timestamp import Timestamp
 
 from drbot.engines.mongodb import archive
 from drbot.engines.mongodb.position import ts_key
-from drbot.errors import IntegrityFailure, StorageUnavailable
+from drbot.errors import DrbotError, IntegrityFailure, ObjectNotFound, StorageUnavailable
 from drbot.ops.walstore import KeyCache, read_wal_object
 from drbot.storage import layout
 from drbot.storage.base import Storage
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, order=True)
@@ -78,6 +83,35 @@ def chain_from(slices: Sequence[SliceRef], start: int) -> tuple[list[SliceRef], 
             return run, (Gap(pos, ordered[i].start) if i < len(ordered) else None)
         run.append(best)
         pos = best.end
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """At `time`, the stored slices ending at position `end` held every change the server
+    had: restores may reach `time` from there even if nothing changed since."""
+
+    time: datetime
+    end: int
+
+    def encode(self) -> bytes:
+        return json.dumps({"time": self.time.isoformat(), "end": f"{self.end:016x}"}).encode()
+
+
+def read_heartbeat(policy: str, storages: Sequence[Storage], keys: KeyCache) -> Heartbeat | None:
+    """The newest heartbeat among the destinations (authenticated); None if there is none."""
+    best: Heartbeat | None = None
+    for storage in storages:
+        try:
+            doc = json.loads(read_wal_object(storage, layout.changes_heartbeat_key(policy), keys))
+            beat = Heartbeat(datetime.fromisoformat(doc["time"]), int(doc["end"], 16))
+        except ObjectNotFound:
+            continue
+        except (DrbotError, ValueError, KeyError, TypeError) as exc:
+            log.warning("changes.heartbeat_unreadable", destination=storage.name, error=str(exc))
+            continue
+        if best is None or beat.time > best.time:
+            best = beat
+    return best
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -40,7 +40,14 @@ from drbot.errors import (
     ObjectNotFound,
     StorageUnavailable,
 )
-from drbot.ops.changestore import SliceBody, SliceRef, encode_slice, list_slices, read_slice
+from drbot.ops.changestore import (
+    Heartbeat,
+    SliceBody,
+    SliceRef,
+    encode_slice,
+    list_slices,
+    read_slice,
+)
 from drbot.ops.walstore import KeyCache, WalShipper
 from drbot.pipeline.keys import KeyProvider
 from drbot.storage import layout
@@ -48,6 +55,7 @@ from drbot.storage.base import Storage
 
 log = structlog.get_logger(__name__)
 
+HEARTBEAT_MARGIN = timedelta(seconds=1)
 BACKFILL_EVERY_S = 30.0
 """How often a destination that missed slices is brought up to date again."""
 
@@ -213,6 +221,7 @@ class ChangeStreamer:
         self._on_gap = on_gap
         self.state = StreamerState()
         self._backfill_at: float | None = time.monotonic()  # once at start
+        self._beat_at: float | None = None
 
     def _covers(self, event: RawBSONDocument) -> bool:
         ns = event.get("ns")
@@ -288,7 +297,7 @@ class ChangeStreamer:
                         self._ship(pending)
                     self._maybe_backfill()
                     if not pending.events and not self.state.failed_destinations:
-                        self.state.archived_at = datetime.now(UTC)
+                        self._maybe_heartbeat(pending.start)
                     continue
                 if (due or pending.size >= self._max_bytes) and pending.can_cut_before(event):
                     self._ship(pending)
@@ -305,6 +314,22 @@ class ChangeStreamer:
                     self._ship(pending)
                 except Exception as exc:  # the original error matters more
                     log.error("changes.final_slice_failed", policy=self.policy, error=str(exc))
+
+    def _maybe_heartbeat(self, end: Timestamp) -> None:
+        """Caught up, nothing pending, every destination current: say so, at most once an
+        interval, so restores and the RPO may count this moment even if nothing changes."""
+        now = datetime.now(UTC)
+        if self._beat_at is not None and time.monotonic() - self._beat_at < self._interval:
+            self.state.archived_at = now
+            return
+        # Less a margin: a write committed while the empty answer was on its way is not in it.
+        beat = Heartbeat(now - HEARTBEAT_MARGIN, ts_key(end))
+        failed = self._shipper.put(layout.changes_heartbeat_key(self.policy), beat.encode())
+        for dest, why in failed.items():
+            log.warning("changes.heartbeat_failed", policy=self.policy, destination=dest, error=why)
+        self._beat_at = time.monotonic()
+        if not failed:
+            self.state.archived_at = now
 
     def _maybe_backfill(self) -> None:
         """Bring destinations that missed slices up to date (at most every BACKFILL_EVERY_S)."""

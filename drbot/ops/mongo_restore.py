@@ -43,6 +43,7 @@ from drbot.manifest import ArtifactRecord
 from drbot.ops.artifacts import read_artifact
 from drbot.ops.changestore import (
     Gap,
+    Heartbeat,
     SliceBody,
     SliceRef,
     chain_from,
@@ -166,10 +167,13 @@ def plan_mongo_restore(
     ns: Sequence[str] = (),
     drop: bool = False,
     every_database: bool = False,
+    heartbeat: Heartbeat | None = None,
 ) -> MongoRestorePlan:
     """Decide the restore. Pure: reads only its arguments.
 
-    `slices` holds each reachable destination's slices. Raises `NoRestorePoint` when no backup
+    `slices` holds each reachable destination's slices; `heartbeat`, the newest streamer
+    heartbeat, extends what the chain proves to its time when it was written at the chain's
+    end. Raises `NoRestorePoint` when no backup
     is consistent at or before `at`, or a gap in the stored changes lies before `at`;
     `KeyProblem` when the manifests cannot be opened; `UsageError` for a non-empty target
     without `drop` or an `--ns` outside the backup.
@@ -233,10 +237,14 @@ def plan_mongo_restore(
     if limit is not None:
         run = _until(run, ts_key(limit))
     end = max([ts_key(consistent)] + [s.end for s in run])
-    reach = Timestamp(end >> 32, end & 0xFFFFFFFF)
+    confirmed = end
+    if heartbeat is not None and heartbeat.end == end and gap is None:
+        # Current at the heartbeat's time with nothing after `end`: the data then was as at end.
+        confirmed = max(end, ts_key(ts_at(heartbeat.time)))
+    reach = _timestamp(confirmed)
     warnings: list[str] = []
-    if limit is not None and ts_key(limit) > end:
-        where_end = ts_datetime(reach).isoformat()
+    if limit is not None and ts_key(limit) > confirmed:
+        where_end = ts_datetime(_timestamp(end)).isoformat()
         if gap is not None and gap.after < ts_key(limit):
             raise NoRestorePoint(
                 f"the stored changes of policy {policy!r} have a gap after {where_end}: "
@@ -244,9 +252,16 @@ def plan_mongo_restore(
                 hint="restore to a moment before the gap, or pick a later backup with --at",
             )
         warnings.append(
-            f"the newest stored change is at {where_end}; changes after it, if any, were "
-            "not shipped (streamer behind or stopped) and cannot be restored: the data will "
-            f"be as of {where_end}, not {ts_datetime(limit).isoformat()}"
+            f"the newest stored change is at {where_end}"
+            + (
+                f" (and the streamer confirmed nothing changed until "
+                f"{ts_datetime(reach).isoformat()})"
+                if confirmed > end
+                else ""
+            )
+            + "; changes after that, if any, were not shipped (streamer behind or stopped) "
+            f"and cannot be restored: the data will be as of {ts_datetime(reach).isoformat()}, "
+            f"not {ts_datetime(limit).isoformat()}"
         )
     elif limit is not None:
         reach = limit
@@ -269,6 +284,10 @@ def plan_mongo_restore(
         gap=gap,
         warnings=tuple(warnings),
     )
+
+
+def _timestamp(key: int) -> Timestamp:
+    return Timestamp(key >> 32, key & 0xFFFFFFFF)
 
 
 def best_chain(

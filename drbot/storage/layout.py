@@ -242,6 +242,8 @@ def lease_key(policy: str) -> str:
 # -- MongoDB change-stream slices ------------------------------------------------------------
 #
 #   <policy>/changes/<start>-<end>.zst.enc   one slice of change events (docs/mongodb.md)
+#   <policy>/changes/heartbeat.zst.enc        {"time", "end"}: at time, the slices ending at
+#                                             end held every change the server had
 #
 # start and end are 16 lower-case hex digits: the cluster time (seconds << 32 | increment) of
 # the point the slice resumes after and of its last event. Keys sort by time, and consecutive
@@ -252,6 +254,14 @@ _CHANGES_RE = re.compile(r"([0-9a-f]{16})-([0-9a-f]{16})\.zst\.enc")
 
 def changes_prefix(policy: str) -> str:
     return f"{policy}/changes/"
+
+
+CHANGES_HEARTBEAT = "heartbeat"
+
+
+def changes_heartbeat_key(policy: str) -> str:
+    """The streamer's note that the stored slices were current at a time (docs/mongodb.md)."""
+    return f"{changes_prefix(policy)}{CHANGES_HEARTBEAT}{ARTIFACT_SUFFIX}"
 
 
 def changes_slice_key(policy: str, start: int, end: int) -> str:

@@ -627,3 +627,67 @@ def test_drill_restores_into_a_throwaway_server_and_keeps_the_evidence(
     assert out["stored_in"] == ["primary", "replica"] or out["stored_in"] == ["primary"]
     assert "drill.completed" in [ev["action"] for ev in e.events()]
     assert set(Path("/tmp").glob("drbot-drill-*")) == before  # the sandbox is gone
+
+
+def test_daemon_takes_the_backup_runs_the_streamer_and_measures_the_rpo(menv: MongoEnv) -> None:
+    """`drbot daemon` with a MongoDB policy: the missed full backup at start, the supervised
+    `drbot changes stream`, the RPO from the stored slices, and a clean stop."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from drbot.engines.postgres.localserver import free_port
+
+    e = menv
+    policy = e.tmp / "policies" / "orders.yaml"
+    policy.write_text(
+        policy.read_text().replace(
+            "  incremental: continuous\n",
+            '  incremental: continuous\n  full: "@every 1h"\n  verify: null\n',
+        )
+    )
+    db = e.client()[e.database]
+    db["c"].insert_many([{"_id": i} for i in range(50)])
+    port = free_port()
+    env = dict(e.env, DRBOT_HTTP=f"127.0.0.1:{port}", DRBOT_CHECK_INTERVAL="2")
+    log = e.tmp / "daemon.log"
+    with log.open("wb") as out:
+        daemon = subprocess.Popen(
+            [DRBOT, "daemon"], env=env, stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def metric(name: str) -> float | None:
+        try:
+            with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return None
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and sample.labels.get("policy") == "orders":
+                    return float(sample.value)
+        return None
+
+    def wait(what: str, ok: Any, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while not ok():
+            assert daemon.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"{what}:\n{log.read_text()[-3000:]}"
+            time.sleep(0.5)
+
+    try:
+        wait("a backup", lambda: e.reach() is not None)
+        wait("the streamer", lambda: metric("drbot_streamer_up") == 1.0)
+        for i in range(20):
+            db["c"].update_one({"_id": i}, {"$set": {"touched": True}})
+        ts, expected = checkpoint(e.client(), e.database)
+        wait_for_slices_past(e, ts)
+        wait("an RPO measured after the slices", lambda: (metric("drbot_rpo_seconds") or 1e9) < 30)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        code = daemon.wait(timeout=120)
+    assert code == 0, log.read_text()[-3000:]
+    e.restore("--latest")
+    assert not differences(expected, snapshot(e.target.client(), e.database))
+    assert "changes.stream_started" in [ev["action"] for ev in e.events()]

@@ -665,7 +665,7 @@ def test_a_target_beyond_the_last_slice_warns_and_reaches_the_last_change() -> N
     assert plan.reach == Timestamp(T + 300, 1)  # what the stored changes prove, not the target
     assert len(plan.warnings) == 1
     assert plan.warnings[0].startswith(
-        f"the newest stored change is at {_at(300).isoformat()}; changes after it"
+        f"the newest stored change is at {_at(300).isoformat()}; changes after that"
     )
 
 
@@ -759,3 +759,24 @@ def test_the_plan_is_a_pure_function_of_its_arguments() -> None:
     assert _plan(slices, at=_at(260)) == first
     assert (list(SCAN.backups), slices) == before
     assert first.reach == Timestamp(T + 260, 0xFFFFFFFF)
+
+
+def test_a_heartbeat_at_the_chain_end_carries_the_restore_point_to_its_time() -> None:
+    from drbot.ops.changestore import Heartbeat
+
+    beat = Heartbeat(_at(500), _k(300))  # current at +500 with nothing after the +300 slice
+    plan = _plan(at=_at(400), heartbeat=beat)
+    assert plan.reach == Timestamp(T + 400, 0xFFFFFFFF) and plan.warnings == ()
+    latest = _plan(heartbeat=beat)
+    assert latest.reach == Timestamp(T + 500, 0xFFFFFFFF)
+    beyond = _plan(at=_at(600), heartbeat=beat)
+    assert beyond.reach == Timestamp(T + 500, 0xFFFFFFFF)
+    assert "confirmed nothing changed until" in beyond.warnings[0]
+
+
+def test_a_heartbeat_written_elsewhere_in_the_history_proves_nothing() -> None:
+    from drbot.ops.changestore import Heartbeat
+
+    stale = Heartbeat(_at(500), _k(250))  # written before the +300 slice was stored
+    plan = _plan(at=_at(400), heartbeat=stale)
+    assert plan.reach == _ts(300) and len(plan.warnings) == 1
