@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -54,6 +54,9 @@ from drbot.ops.walstore import KeyCache
 from drbot.storage.base import Storage
 
 log = structlog.get_logger(__name__)
+
+WALL_CLOCK_SLACK = timedelta(seconds=2)
+"""How far an event's cluster time may run ahead of its wall time (both the primary's clock)."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,7 @@ class MongoRestorePlan:
     consistent_time: Timestamp
     target_time: Timestamp | None
     """None: as far as the stored changes go (--latest)."""
+    target_at: datetime | None
     target: str
     occupied: tuple[str, ...]
     drop: bool
@@ -155,6 +159,18 @@ def _consistent(entry: BackupEntry) -> Timestamp | None:
     return ts_parse(str(text)) if text else None
 
 
+def _data_since(entry: BackupEntry) -> datetime:
+    """From when a backup's data is what it restores to (positions' `data_since`, to the
+    millisecond; without it, the end of the second before its consistent time: cluster
+    times count whole seconds)."""
+    text = entry.manifest.positions.get("data_since")
+    if text:
+        return datetime.fromisoformat(str(text))
+    consistent = _consistent(entry)
+    assert consistent is not None
+    return ts_datetime(consistent) + timedelta(seconds=1) - timedelta(microseconds=1)
+
+
 def plan_mongo_restore(
     scan: CatalogScan,
     slices: Mapping[str, Sequence[SliceRef]],
@@ -194,12 +210,9 @@ def plan_mongo_restore(
             + (f" in destination {from_destination!r}" if from_destination else ""),
             hint=f"`drbot list --policy {policy}` shows what exists",
         )
-    usable = [
-        b for b in entries if limit is None or ts_key(_consistent(b) or limit) <= ts_key(limit)
-    ]
+    usable = [b for b in entries if at is None or _data_since(b) <= at]
     if not usable:
-        first = min(ts_key(c) for b in entries if (c := _consistent(b)) is not None)
-        earliest = ts_datetime(Timestamp(first >> 32, first & 0xFFFFFFFF))
+        earliest = min(_data_since(b) for b in entries)
         raise NoRestorePoint(
             f"no backup of policy {policy!r} is consistent at or before {at}",
             hint=f"the earliest restorable moment is {earliest.isoformat()}",
@@ -234,8 +247,10 @@ def plan_mongo_restore(
     )
 
     slice_source, run, gap = best_chain(slices, from_destination, ts_key(consistent))
-    if limit is not None:
-        run = _until(run, ts_key(limit))
+    if at is not None:
+        # Events are selected by their wall time, whose second may trail the cluster time's:
+        # read the slices of a little past the target too.
+        run = _until(run, ts_key(ts_at(at + WALL_CLOCK_SLACK)))
     end = max([ts_key(consistent)] + [s.end for s in run])
     confirmed = end
     if heartbeat is not None and heartbeat.end == end and gap is None:
@@ -270,6 +285,7 @@ def plan_mongo_restore(
         backup_id=backup.backup_id,
         consistent_time=consistent,
         target_time=limit,
+        target_at=at,
         target=target,
         occupied=tuple(occupied),
         drop=drop,
@@ -398,7 +414,7 @@ def execute_mongo_restore(
             events = _slice_events(
                 [storages[d] for d in order], plan.slices, keys, plan.consistent_time
             )
-            for g in select(group(events), plan.target_time):
+            for g in select(group(events), plan.target_time, plan.target_at):
                 replayer.apply_group(g)
                 reached = max(reached, g[-1]["clusterTime"], key=ts_key)
         if plan.target_time is not None:

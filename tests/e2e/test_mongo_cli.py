@@ -29,6 +29,7 @@ from tests.fixtures.mongo import MongoServer
 from tests.fixtures.mongo_workload import (
     Workload,
     checkpoint,
+    checkpoint_precise,
     differences,
     snapshot,
 )
@@ -187,11 +188,6 @@ def menv(
             proc.wait()
 
 
-def at_text(ts: Timestamp) -> str:
-    """An --at value inside the second of cluster time `ts`."""
-    return datetime.fromtimestamp(ts.time + 0.5, UTC).isoformat()
-
-
 def wait_for_slices_past(e: MongoEnv, ts: Timestamp, timeout: float = 60) -> None:
     """Wait until the stored slices reach cluster time `ts`."""
     deadline = time.monotonic() + timeout
@@ -233,15 +229,16 @@ def test_point_in_time_restores_of_a_random_workload_match_snapshots(menv: Mongo
     moments = []
     for _ in range(3):
         work.run(40)
-        moments.append(checkpoint(client, e.database))
+        moments.append(checkpoint_precise(client, e.database))  # writes go on at once
     work.run(25)
     final_ts, final = checkpoint(client, e.database)
     wait_for_slices_past(e, final_ts)
     assert e.stop_streamer(streamer) == 130, e.streamer_log()
     assert work.ops > 150 and len(work.by_kind) >= 10, work.by_kind
 
-    for ts, expected in moments:
-        result = e.restore("--at", at_text(ts))["result"]
+    for ts, wall, expected in moments:
+        # to the millisecond: writes that followed within the same second are not included
+        result = e.restore("--at", wall.isoformat())["result"]
         assert not differences(expected, snapshot(e.target.client(), e.database)), (
             ts,
             differences(expected, snapshot(e.target.client(), e.database)),

@@ -12,7 +12,7 @@ import dataclasses
 import itertools
 import random
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import bson
@@ -584,16 +584,35 @@ def test_at_picks_the_newest_backup_consistent_at_or_before_it() -> None:
     assert plan.warnings == ()
 
 
-def test_a_backup_consistent_within_the_target_second_is_used() -> None:
+def test_a_backup_consistent_within_the_target_second_is_used_from_its_end() -> None:
+    # Without data_since, a backup consistent at +200.1 counts from the end of second +200:
+    # cluster times do not say where in the second it was.
     assert _plan(at=_at(199)).backup_id == B1
-    assert _plan(at=_at(200)).backup_id == B2  # consistent at 200.1, target 200.4294967295
+    assert _plan(at=_at(200)).backup_id == B1
+    end_of_second = _at(201) - timedelta(microseconds=1)
+    assert _plan(at=end_of_second).backup_id == B2
+
+
+def test_a_backup_is_used_from_its_data_since_to_the_millisecond() -> None:
+    since = _at(200) + timedelta(milliseconds=250)
+    entry = _entry(B2, 200)
+    copy = entry.copies[0]
+    positions = {**copy.manifest.positions, "data_since": since.isoformat()}
+    dated = dataclasses.replace(
+        copy, manifest=dataclasses.replace(copy.manifest, positions=positions)
+    )
+    scan = _scan(_entry(B1, 100, ("a", "b")), BackupEntry(B2, (dated,)))
+    assert _plan(scan=scan, at=since - timedelta(milliseconds=1)).backup_id == B1
+    assert _plan(scan=scan, at=since).backup_id == B2
+    assert _plan(scan=scan, at=since).target_at == since
 
 
 def test_at_before_every_backup_says_when_the_earliest_restorable_moment_is() -> None:
     with pytest.raises(NoRestorePoint) as caught:
         _plan(at=_at(99))
     assert "is consistent at or before" in caught.value.message
-    assert caught.value.hint == f"the earliest restorable moment is {_at(100).isoformat()}"
+    earliest = _at(100) + timedelta(seconds=1) - timedelta(microseconds=1)
+    assert caught.value.hint == f"the earliest restorable moment is {earliest.isoformat()}"
 
 
 def test_no_mongodb_backup_at_all_is_no_restore_point() -> None:
@@ -780,3 +799,38 @@ def test_a_heartbeat_written_elsewhere_in_the_history_proves_nothing() -> None:
     stale = Heartbeat(_at(500), _k(250))  # written before the +300 slice was stored
     plan = _plan(at=_at(400), heartbeat=stale)
     assert plan.reach == _ts(300) and len(plan.warnings) == 1
+
+
+def test_select_tells_events_of_one_second_apart_by_wall_time() -> None:
+    from bson.datetime_ms import DatetimeMS
+
+    def ev(i: int, ms: int) -> dict[str, Any]:
+        return {"clusterTime": _ts(10, i), "wallTime": DatetimeMS((T + 10) * 1000 + ms)}
+
+    groups = [[ev(1, 100)], [ev(2, 400)], [ev(3, 900)]]
+    at = _at(10) + timedelta(milliseconds=400)
+    until = Timestamp(T + 10, 0xFFFFFFFF)
+    assert list(select(groups, until, at)) == groups[:2]
+    assert list(select(groups, until)) == groups  # without `at`: the whole second
+    assert list(select(groups, until, _at(10) + timedelta(milliseconds=99))) == []
+
+
+def test_select_compares_wall_times_exactly() -> None:
+    from bson.datetime_ms import DatetimeMS
+
+    # 1796173438.501 s: as a float times 1000 it is ...500.9999, not ...501 ms
+    event = {"clusterTime": Timestamp(1796173438, 1), "wallTime": DatetimeMS(1796173438501)}
+    at = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=1796173438501)
+    assert list(select([[event]], Timestamp(1796173438, 0xFFFFFFFF), at)) == [[event]]
+
+
+def test_select_judges_by_wall_time_when_the_cluster_second_runs_ahead() -> None:
+    from bson.datetime_ms import DatetimeMS
+
+    # cluster time in second +11, wall clock still at +10.900: taken for a target of +10.950
+    ahead = {"clusterTime": _ts(11, 1), "wallTime": DatetimeMS((T + 10) * 1000 + 900)}
+    after = {"clusterTime": _ts(11, 2), "wallTime": DatetimeMS((T + 10) * 1000 + 990)}
+    at = _at(10) + timedelta(milliseconds=950)
+    assert list(select([[ahead], [after]], Timestamp(T + 10, 0xFFFFFFFF), at)) == [[ahead]]
+    plan = _plan(at=_at(249) + timedelta(milliseconds=500))
+    assert plan.slices[-1] == _s(250, 300)  # read too: its events may still be before +249.5

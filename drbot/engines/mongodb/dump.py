@@ -16,6 +16,7 @@ import queue
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import structlog
@@ -38,6 +39,7 @@ from drbot.engines.mongodb.client import (
 )
 from drbot.engines.mongodb.fingerprint import CollectionSummer
 from drbot.engines.mongodb.position import ts_datetime, ts_key, ts_text
+from drbot.engines.mongodb.replay import wall_ms
 from drbot.errors import DatabaseError
 
 log = structlog.get_logger(__name__)
@@ -269,6 +271,7 @@ class ChangeWatcher(threading.Thread):
         self._error: BaseException | None = None
         self.count = 0
         self.last_time: Timestamp | None = None
+        self.last_wall: Any = None
         self.end_token: Any = None
 
     def run(self) -> None:
@@ -297,6 +300,7 @@ class ChangeWatcher(threading.Thread):
                     self.renames.append(f"{ns.get('db')}.{ns.get('coll')}")
                 self.count += 1
                 self.last_time = ts
+                self.last_wall = event.get("wallTime")
                 self.end_token = event["_id"]
             if self.end_token is None:
                 self.end_token = self.start_token
@@ -344,6 +348,20 @@ class ChangeWatcher(threading.Thread):
         self._spool.close()
 
 
+def data_since(start: Timestamp, last_wall: Any) -> datetime:
+    """From when (wall clock, to the millisecond) a backup's data stays what it restores to.
+
+    Nothing changed between its last event and its consistent time; without events in the dump
+    window, nothing changed since the stream opened (rounded up to the next second: cluster
+    times count whole seconds).
+    """
+    ms = wall_ms(last_wall)
+    if ms is not None:
+        wall = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)
+        return max(wall, ts_datetime(start))
+    return ts_datetime(start) + timedelta(seconds=1)
+
+
 class ChangesDump:
     """The change events seen during the dump, as a `mongo_changes` artifact."""
 
@@ -377,6 +395,7 @@ class ChangesDump:
             "start_time": ts_text(start),
             "consistent_time": ts_text(consistent),
             "consistent_at": ts_datetime(consistent).isoformat(),
+            "data_since": data_since(start, w.last_wall).isoformat(),
             "start_token": archive.token_text(w.start_token),
             "end_token": archive.token_text(end_token),
             "events": w.count,

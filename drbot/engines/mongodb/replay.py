@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import structlog
+from bson.datetime_ms import DatetimeMS
 from bson.timestamp import Timestamp
 from pymongo import MongoClient
 from pymongo.errors import OperationFailure
@@ -71,13 +73,45 @@ def group_time(events: list[Event]) -> Timestamp:
     return max(times, key=ts_key)
 
 
-def select(groups: Iterable[list[Event]], until: Timestamp | None) -> Iterator[list[Event]]:
-    """The groups that took effect at or before `until` (all of them when None)."""
+def select(
+    groups: Iterable[list[Event]], until: Timestamp | None, at: datetime | None = None
+) -> Iterator[list[Event]]:
+    """The groups that took effect at or before the target, in order (all of them when both
+    `until` and `at` are None).
+
+    With `at`, a group carrying `wallTime` (milliseconds, MongoDB 6.0+) is judged by it: cluster
+    times count whole seconds, and their second need not be the wall clock's. A group without
+    it is judged by its cluster time against `until`. Selection stops at the first group after
+    the target: what follows it in the history is after it too.
+    """
     limit = None if until is None else ts_key(until)
+    target_us = None if at is None else _micros(at)
     for g in groups:
-        if limit is not None and ts_key(group_time(g)) > limit:
+        walls = [w for e in g if (w := wall_ms(e.get("wallTime"))) is not None]
+        if target_us is not None and walls:
+            if max(walls) * 1000 > target_us:
+                return
+        elif limit is not None and ts_key(group_time(g)) > limit:
             return
         yield g
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _micros(moment: datetime) -> int:
+    """Microseconds since the epoch, exactly (no floating point: .5 s must stay .5 s)."""
+    aware = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return (aware - _EPOCH) // timedelta(microseconds=1)
+
+
+def wall_ms(value: Any) -> int | None:
+    """A BSON date (as decoded exactly, or as a datetime) in milliseconds since the epoch."""
+    if isinstance(value, DatetimeMS):
+        return int(value)
+    if isinstance(value, datetime):
+        return _micros(value) // 1000
+    return None
 
 
 class SchemaReplay(Protocol):
