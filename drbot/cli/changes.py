@@ -14,6 +14,7 @@ from drbot.cli.common import (
     load_settings,
     policies_option,
     recording_failure,
+    stream_until_stopped,
 )
 from drbot.cli.wal import write_status_every
 from drbot.errors import ChangeHistoryLost, DrbotError, UsageError
@@ -107,35 +108,23 @@ def stream(policy_name: str, status_file: Path | None, policies_dir: Path | None
         databases=policy.source.databases,
         on_gap=on_gap,
     )
+    with recording_failure(trail, "changes.stream_failed", policy=policy.name, subject=subject):
+        engine.topology()  # a standalone server is refused here, with the reason
     stop = threading.Event()
-    interrupted = False
     if status_file is not None:
         write_status_every(status_file, streamer.state.as_json, stop)
-    with (
-        recording_failure(trail, "changes.stream_failed", policy=policy.name, subject=subject),
-        policy_lock(settings.state_dir, f"{policy.name}.changes"),
-    ):
-        engine.topology()  # a standalone server is refused here, with the reason
-        trail.record("changes.stream_started", policy=policy.name, subject=subject, outcome="info")
-        click.echo(
-            f"Streaming changes of {policy.name} to "
-            f"{', '.join(s.name for s in storages)} (Ctrl-C to stop)",
-            err=True,
-        )
-        try:
-            streamer.run(stop)
-        except KeyboardInterrupt:
-            interrupted = True
-    if interrupted:
-        trail.record(
-            "changes.stream_stopped",
-            policy=policy.name,
-            subject=subject,
-            outcome="info",
-            details={
-                "slices": streamer.state.slices_shipped,
-                "events": streamer.state.events_shipped,
-                "position": streamer.state.position,
-            },
-        )
-        raise KeyboardInterrupt
+    stream_until_stopped(
+        trail,
+        policy=policy.name,
+        subject=subject,
+        kind="changes",
+        lock=policy_lock(settings.state_dir, f"{policy.name}.changes"),
+        banner=f"Streaming changes of {policy.name} to "
+        f"{', '.join(s.name for s in storages)} (Ctrl-C to stop)",
+        run=lambda: streamer.run(stop),
+        stopped=lambda: {
+            "slices": streamer.state.slices_shipped,
+            "events": streamer.state.events_shipped,
+            "position": streamer.state.position,
+        },
+    )

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -194,3 +194,37 @@ def recording_failure(
         details = {**failure_details(exc), **(extra() if extra is not None else {})}
         trail.record(action, policy=policy, subject=subject, outcome="failed", details=details)
         raise
+
+
+def stream_until_stopped(
+    trail: AuditSink,
+    *,
+    policy: str,
+    subject: dict[str, Any],
+    kind: str,
+    lock: AbstractContextManager[object],
+    banner: str,
+    run: Callable[[], None],
+    stopped: Callable[[], dict[str, Any]],
+) -> None:
+    """Run a streamer (`kind` is `wal` or `changes`) until Ctrl-C or SIGTERM, in the audit
+    trail as `<kind>.stream_started`, `<kind>.stream_stopped` (with `stopped()`'s details) or
+    `<kind>.stream_failed`; a stop ends in KeyboardInterrupt (exit 130), as any interrupt."""
+    interrupted = False
+    with recording_failure(trail, f"{kind}.stream_failed", policy=policy, subject=subject), lock:
+        trail.record(f"{kind}.stream_started", policy=policy, subject=subject, outcome="info")
+        click.echo(banner, err=True)
+        try:
+            run()
+        except KeyboardInterrupt:
+            # The streamer shipped what it held while unwinding; a stop is not a failure.
+            interrupted = True
+    if interrupted:
+        trail.record(
+            f"{kind}.stream_stopped",
+            policy=policy,
+            subject=subject,
+            outcome="info",
+            details=stopped(),
+        )
+        raise KeyboardInterrupt

@@ -18,7 +18,7 @@ from drbot.cli.common import (
     stderr,
 )
 from drbot.cli.restore_dir import parse_at
-from drbot.engines.mongodb.position import ts_datetime, ts_text
+from drbot.engines.mongodb.position import ts_text
 from drbot.errors import UsageError
 from drbot.log import redact_text
 from drbot.ops.changestore import read_heartbeat, slices_in
@@ -158,7 +158,7 @@ def restore_mongo(
             f"{len(result.collections)} collection(s), {result.documents} document(s) loaded "
             "and matching the backup's fingerprint; "
             f"{result.events_applied} change(s) replayed; the data is as of "
-            f"{ts_datetime(result.reached).isoformat()} (cluster time {ts_text(result.reached)}) "
+            f"{result.reached_at.isoformat()} (cluster time {ts_text(result.reached)}) "
             f"({result.duration_s:.1f}s)"
         )
     for warning in result.warnings:
@@ -174,7 +174,7 @@ def _result_json(result: MongoRestoreResult) -> dict[str, Any]:
         "events_applied": result.events_applied,
         "events_by_type": result.events_by_type,
         "reached": ts_text(result.reached),
-        "reached_at": ts_datetime(result.reached).isoformat(),
+        "reached_at": result.reached_at.isoformat(),
         "fingerprint_checked": True,
         "duration_s": result.duration_s,
         "warnings": result.warnings,
@@ -188,9 +188,7 @@ def _print_plan(plan: MongoRestorePlan) -> None:
     click.echo(f"  namespaces  {', '.join(j['namespaces']) or 'none'}")
     click.echo(f"  read from   {', '.join(plan.sources)}")
     target_text = (
-        f"{ts_datetime(plan.target_time).isoformat()}"
-        if plan.target_time
-        else "latest stored change"
+        plan.target_at.isoformat() if plan.target_at is not None else "latest stored change"
     )
     click.echo(f"  target time {target_text}")
     click.echo(

@@ -17,7 +17,7 @@ from drbot.cli.common import (
     find_policy,
     load_settings,
     policies_option,
-    recording_failure,
+    stream_until_stopped,
 )
 from drbot.errors import DrbotError, IntegrityFailure, StorageUnavailable, UsageError
 
@@ -125,36 +125,22 @@ def stream(policy_name: str, status_file: Path | None, policies_dir: Path | None
         shipper,
         on_gap=on_gap,
     )
-    interrupted = False
     if status_file is not None:
         write_status_every(status_file, streamer.state.as_json, stop)
-    with (
-        recording_failure(trail, "wal.stream_failed", policy=policy.name, subject=subject),
-        policy_lock(settings.state_dir, f"{policy.name}.wal"),
-    ):
-        trail.record("wal.stream_started", policy=policy.name, subject=subject, outcome="info")
-        click.echo(
-            f"Streaming WAL of {policy.name} through slot {policy.wal_slot} to "
-            f"{', '.join(s.name for s in storages)} (Ctrl-C to stop)",
-            err=True,
-        )
-        try:
-            streamer.run(stop)
-        except KeyboardInterrupt:
-            # The streamer shipped what it held while unwinding; a stop is not a failure.
-            interrupted = True
-    if interrupted:
-        trail.record(
-            "wal.stream_stopped",
-            policy=policy.name,
-            subject=subject,
-            outcome="info",
-            details={
-                "segments": streamer.state.segments_shipped,
-                "archived_lsn": format_lsn(streamer.state.archived_lsn),
-            },
-        )
-        raise KeyboardInterrupt
+    stream_until_stopped(
+        trail,
+        policy=policy.name,
+        subject=subject,
+        kind="wal",
+        lock=policy_lock(settings.state_dir, f"{policy.name}.wal"),
+        banner=f"Streaming WAL of {policy.name} through slot {policy.wal_slot} to "
+        f"{', '.join(s.name for s in storages)} (Ctrl-C to stop)",
+        run=lambda: streamer.run(stop),
+        stopped=lambda: {
+            "segments": streamer.state.segments_shipped,
+            "archived_lsn": format_lsn(streamer.state.archived_lsn),
+        },
+    )
 
 
 def write_status_every(

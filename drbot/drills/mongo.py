@@ -28,7 +28,6 @@ from drbot.drills.plan import CheckResult
 from drbot.drills.sandbox import Session
 from drbot.engines.mongodb.archive import EXACT
 from drbot.engines.mongodb.client import connect
-from drbot.engines.mongodb.position import ts_datetime
 from drbot.errors import SandboxUnavailable
 from drbot.ops.changestore import read_heartbeat, slices_in
 from drbot.ops.mongo_restore import (
@@ -163,7 +162,7 @@ def restore(
 
 def checks(chosen: MongoRestorePlan, result: MongoRestoreResult) -> list[CheckResult]:
     """What a MongoDB drill proves besides RTO and RPO."""
-    reached = ts_datetime(result.reached)
+    reached = result.reached_at
     problems = [w for w in result.warnings if w not in chosen.warnings]
     return [
         CheckResult(

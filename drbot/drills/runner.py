@@ -403,7 +403,7 @@ def _restore_mongo(
         with _phase(report, "restore"):
             say(f"Restoring backup {mplan.backup_id} and {len(mplan.slices)} slice(s)")
             result = mongo_drill.restore(server, mplan, chosen.scan, storage, chosen.keys)
-        report.restore_point = ts_datetime(result.reached)
+        report.restore_point = result.reached_at
         with _phase(report, "checks"):
             report.checks += mongo_drill.checks(mplan, result)
 

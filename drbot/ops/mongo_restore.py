@@ -140,6 +140,7 @@ class MongoRestorePlan:
             "consistent_time": ts_text(self.consistent_time),
             "consistent_at": ts_datetime(self.consistent_time).isoformat(),
             "target_time": ts_text(self.target_time) if self.target_time else None,
+            "target_at": self.target_at.isoformat() if self.target_at else None,
             "reach": ts_text(self.reach),
             "reach_at": ts_datetime(self.reach).isoformat(),
             "target": self.target,
@@ -345,6 +346,8 @@ class MongoRestoreResult:
     documents: int
     events_applied: int
     reached: Timestamp
+    reached_at: datetime
+    """The moment the data is as of: the target itself (to the millisecond) when reached."""
     duration_s: float
     mismatches: list[Mismatch] = field(default_factory=list)
     events_by_type: dict[str, int] = field(default_factory=dict)
@@ -436,6 +439,11 @@ def execute_mongo_restore(
         documents=loader.stats.documents,
         events_applied=replayer.stats.events,
         reached=reached,
+        reached_at=(
+            plan.target_at
+            if plan.target_at is not None and ts_key(reached) >= ts_key(plan.target_time or reached)
+            else ts_datetime(reached)
+        ),
         duration_s=round(time.monotonic() - t0, 3),
         mismatches=[],
         events_by_type=dict(replayer.stats.by_type),

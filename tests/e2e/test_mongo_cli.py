@@ -245,6 +245,7 @@ def test_point_in_time_restores_of_a_random_workload_match_snapshots(menv: Mongo
         )
         assert result["fingerprint_checked"] is True
         assert result["reached"].split(".")[0] == str(ts.time)
+        assert result["reached_at"] == wall.isoformat()  # the moment asked for, to the ms
 
     result = e.restore("--latest")["result"]
     assert not differences(final, snapshot(e.target.client(), e.database))

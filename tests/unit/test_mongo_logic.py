@@ -757,6 +757,7 @@ def test_plan_to_json_names_what_will_happen() -> None:
         "consistent_time": f"{T + 100}.1",
         "consistent_at": _at(100).isoformat(),
         "target_time": f"{T + 150}.4294967295",
+        "target_at": _at(150).isoformat(),
         "reach": f"{T + 150}.4294967295",
         "reach_at": _at(150).isoformat(),
         "target": "mongodb://restore:27017",

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import cast
+from collections.abc import Iterable, Iterator
+from typing import Any, cast
 
 from drbot.engines.base import Fingerprint
 from drbot.engines.mongodb.client import PLAIN, SYSTEM_DATABASES, RawClient, translated, where
@@ -12,9 +12,10 @@ from drbot.engines.mongodb.fingerprint import CollectionSummer
 from drbot.engines.mongodb.replay import NamespaceFilter
 
 
-def occupied(client: RawClient, uri: str, covers: NamespaceFilter) -> list[str]:
-    """The namespaces a restore would write that already hold documents (or are views)."""
-    out = []
+def _covered(
+    client: RawClient, uri: str, covers: NamespaceFilter
+) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(database, collection, listCollections entry) of every covered namespace in the target."""
     with translated(f"inspect target {where(uri)}"):
         names = client.admin.command("listDatabases", nameOnly=True, codec_options=PLAIN)
         for entry in names["databases"]:
@@ -22,12 +23,23 @@ def occupied(client: RawClient, uri: str, covers: NamespaceFilter) -> list[str]:
             if db in SYSTEM_DATABASES or not covers(db, None):
                 continue
             for info in user_collections(client, db):
-                name = str(info["name"])
-                if not covers(db, name):
-                    continue
-                if info.get("type") == "view" or client[db][name].find_one({}, {"_id": 1}):
-                    out.append(f"{db}.{name}")
-    return out
+                if covers(db, str(info["name"])):
+                    yield db, str(info["name"]), info
+
+
+def occupied(client: RawClient, uri: str, covers: NamespaceFilter) -> list[str]:
+    """The namespaces a restore would write that already hold documents (or are views)."""
+    with translated(f"inspect target {where(uri)}"):
+        return [
+            f"{db}.{name}"
+            for db, name, info in _covered(client, uri, covers)
+            if info.get("type") == "view" or client[db][name].find_one({}, {"_id": 1})
+        ]
+
+
+def existing(client: RawClient, uri: str, covers: NamespaceFilter) -> list[str]:
+    """Every namespace in the target's covered databases, empty or not."""
+    return [f"{db}.{name}" for db, name, _ in _covered(client, uri, covers)]
 
 
 def drop(client: RawClient, uri: str, namespaces: Iterable[str]) -> None:
@@ -49,20 +61,3 @@ def fingerprint(client: RawClient, uri: str, namespaces: Iterable[str]) -> Finge
                     summer.add(bytes(doc))
             tables[ns] = summer.result()
     return Fingerprint(tables=tables)
-
-
-def existing(client: RawClient, uri: str, covers: NamespaceFilter) -> list[str]:
-    """Every namespace in the target's covered databases, empty or not."""
-    out = []
-    with translated(f"inspect target {where(uri)}"):
-        names = client.admin.command("listDatabases", nameOnly=True, codec_options=PLAIN)
-        for entry in names["databases"]:
-            db = str(entry["name"])
-            if db in SYSTEM_DATABASES or not covers(db, None):
-                continue
-            out += [
-                f"{db}.{i['name']}"
-                for i in user_collections(client, db)
-                if covers(db, str(i["name"]))
-            ]
-    return out
