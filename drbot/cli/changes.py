@@ -11,8 +11,10 @@ from drbot.cli import build
 from drbot.cli.common import (
     audit_trail,
     find_policy,
+    json_option,
     load_settings,
     policies_option,
+    print_json,
     recording_failure,
     stream_until_stopped,
 )
@@ -39,8 +41,21 @@ def command() -> None:
     help="Rewrite this JSON file every 2 s with position, connection state and when the "
     "destinations last held every change (the daemon reads it for /readyz and /metrics).",
 )
+@click.option(
+    "--once",
+    is_flag=True,
+    help="Stop as soon as every change the server has is stored (a scheduled incremental; "
+    "the daemon runs this for a cron schedule.incremental).",
+)
 @policies_option
-def stream(policy_name: str, status_file: Path | None, policies_dir: Path | None) -> None:
+@json_option
+def stream(
+    policy_name: str,
+    status_file: Path | None,
+    once: bool,
+    policies_dir: Path | None,
+    as_json: bool,
+) -> None:
     """Follow the deployment's change stream into slices in every destination, until stopped.
 
     Every source.partial_interval the events gathered become one slice, stored and read back
@@ -48,7 +63,13 @@ def stream(policy_name: str, status_file: Path | None, policies_dir: Path | None
     after the newest stored slice, or at the end of the newest full backup (take one first).
     If the server no longer holds the history to resume from, that gap is reported, recorded
     in the audit trail, and answered with a new full backup; streaming resumes from it. Stop
-    with Ctrl-C or SIGTERM (what was gathered is shipped first).
+    with Ctrl-C or SIGTERM (what was gathered is shipped first). With --once it stops by itself
+    when caught up.
+
+    \b
+    Examples:
+      drbot changes stream --policy orders
+      drbot changes stream --policy orders --once     catch up now, then exit 0
     """
     from drbot.clock import SystemClock
     from drbot.engines.mongodb.engine import MongoEngine
@@ -121,10 +142,20 @@ def stream(policy_name: str, status_file: Path | None, policies_dir: Path | None
         lock=policy_lock(settings.state_dir, f"{policy.name}.changes"),
         banner=f"Streaming changes of {policy.name} to "
         f"{', '.join(s.name for s in storages)} (Ctrl-C to stop)",
-        run=lambda: streamer.run(stop),
+        run=lambda: streamer.run(stop, once=once),
         stopped=lambda: {
             "slices": streamer.state.slices_shipped,
             "events": streamer.state.events_shipped,
             "position": streamer.state.position,
         },
     )
+    # Caught up (--once): say what was stored.
+    summary = {"policy": policy.name, **streamer.state.as_json()}
+    if as_json:
+        print_json(summary)
+    else:
+        click.echo(
+            f"Caught up: {streamer.state.slices_shipped} slice(s), "
+            f"{streamer.state.events_shipped} change(s) stored; position "
+            f"{streamer.state.position or 'unchanged'}"
+        )

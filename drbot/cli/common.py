@@ -207,9 +207,10 @@ def stream_until_stopped(
     run: Callable[[], None],
     stopped: Callable[[], dict[str, Any]],
 ) -> None:
-    """Run a streamer (`kind` is `wal` or `changes`) until Ctrl-C or SIGTERM, in the audit
-    trail as `<kind>.stream_started`, `<kind>.stream_stopped` (with `stopped()`'s details) or
-    `<kind>.stream_failed`; a stop ends in KeyboardInterrupt (exit 130), as any interrupt."""
+    """Run a streamer (`kind` is `wal` or `changes`) until Ctrl-C or SIGTERM, or until `run`
+    returns (it was asked to stop when caught up), in the audit trail as
+    `<kind>.stream_started`, `<kind>.stream_stopped` (with `stopped()`'s details) or
+    `<kind>.stream_failed`; an interrupt ends in KeyboardInterrupt (exit 130), as any."""
     interrupted = False
     with recording_failure(trail, f"{kind}.stream_failed", policy=policy, subject=subject), lock:
         trail.record(f"{kind}.stream_started", policy=policy, subject=subject, outcome="info")
@@ -219,12 +220,12 @@ def stream_until_stopped(
         except KeyboardInterrupt:
             # The streamer shipped what it held while unwinding; a stop is not a failure.
             interrupted = True
+    trail.record(
+        f"{kind}.stream_stopped",
+        policy=policy,
+        subject=subject,
+        outcome="info",
+        details=stopped(),
+    )
     if interrupted:
-        trail.record(
-            f"{kind}.stream_stopped",
-            policy=policy,
-            subject=subject,
-            outcome="info",
-            details=stopped(),
-        )
         raise KeyboardInterrupt

@@ -377,11 +377,12 @@ class Daemon:
                     policy=policy.name,
                     reason=f"continuous incrementals of {policy.source.kind} are not built yet",
                 )
-        elif policy.schedule.incremental is not None:
+        elif policy.schedule.incremental is not None and policy.source.kind != "mongodb":
             log.warning(
                 "daemon.incremental_unsupported",
                 policy=policy.name,
-                reason="scheduled (cron) incrementals are not built yet; use 'continuous'",
+                reason="scheduled (cron) incrementals of PostgreSQL are not built yet; "
+                "use 'continuous'",
             )
         return rt
 
@@ -423,10 +424,14 @@ class Daemon:
             "drill": policy.schedule.drill,
             "verify": policy.schedule.verify,
         }
+        incremental = policy.schedule.incremental
+        if policy.source.kind == "mongodb" and incremental not in (None, "continuous"):
+            # A cron incremental: catch the change stream up to now, then stop.
+            jobs["incremental"] = incremental
         return {kind: expr for kind, expr in jobs.items() if expr is not None}
 
     def _unschedule(self, rt: PolicyRuntime) -> None:
-        for kind in ("full", "drill", "verify"):
+        for kind in ("full", "drill", "verify", "incremental"):
             for suffix in ("", ":catch-up"):
                 with contextlib.suppress(JobLookupError):
                     self.scheduler.remove_job(f"{rt.policy.name}:{kind}{suffix}")
@@ -724,6 +729,10 @@ class Daemon:
                         self._run(rt, "prune", ["prune"], extra=["--yes"])
             elif kind == "drill":
                 result = self._run(rt, "drill", ["drill"])
+            elif kind == "incremental":
+                result = self._run(rt, "incremental", ["changes", "stream"], extra=["--once"])
+                if result is not None and result.ok:
+                    rt.next_check = 0.0  # the RPO just changed: measure it now
             else:
                 sample = str(rt.policy.schedule.verify_sample)
                 result = self._run(rt, "verify", ["verify"], extra=["--sample", sample])

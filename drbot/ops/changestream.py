@@ -222,6 +222,7 @@ class ChangeStreamer:
         self.state = StreamerState()
         self._backfill_at: float | None = time.monotonic()  # once at start
         self._beat_at: float | None = None
+        self._once = False
 
     def _covers(self, event: RawBSONDocument) -> bool:
         ns = event.get("ns")
@@ -258,10 +259,13 @@ class ChangeStreamer:
         assert lost is not None
         raise lost
 
-    def run(self, stop: threading.Event) -> None:
-        """Stream until `stop` is set (ships what it holds first). Raises `SourceUnavailable`,
-        `DatabaseError`, `StorageUnavailable` (no destination took a slice), and
-        `ChangeHistoryLost` when no resume point is left and `on_gap` did not provide one."""
+    def run(self, stop: threading.Event, *, once: bool = False) -> None:
+        """Stream until `stop` is set (ships what it holds first), or with `once` until caught
+        up (everything the server had is stored; a scheduled incremental). Raises
+        `SourceUnavailable`, `DatabaseError`, `StorageUnavailable` (no destination took a
+        slice), and `ChangeHistoryLost` when no resume point is left and `on_gap` did not
+        provide one."""
+        self._once = once
         while not stop.is_set():
             try:
                 stream, pos = self._open()
@@ -293,11 +297,13 @@ class ChangeStreamer:
                 if event is None:
                     # Nothing more to read now: once what is pending is stored, the
                     # destinations hold everything the server has.
-                    if pending.events and due:
+                    if pending.events and (due or self._once):
                         self._ship(pending)
                     self._maybe_backfill()
                     if not pending.events and not self.state.failed_destinations:
                         self._maybe_heartbeat(pending.start)
+                    if self._once and not pending.events:
+                        stop.set()  # caught up: a scheduled incremental is done
                     continue
                 if (due or pending.size >= self._max_bytes) and pending.can_cut_before(event):
                     self._ship(pending)

@@ -697,3 +697,25 @@ def test_daemon_takes_the_backup_runs_the_streamer_and_measures_the_rpo(menv: Mo
     e.restore("--latest")
     assert not differences(expected, snapshot(e.target.client(), e.database))
     assert "changes.stream_started" in [ev["action"] for ev in e.events()]
+
+
+def test_a_scheduled_incremental_catches_up_and_stops(menv: MongoEnv) -> None:
+    """`drbot changes stream --once` (what the daemon runs for a cron schedule.incremental)."""
+    e = menv
+    db = e.client()[e.database]
+    db["c"].insert_many([{"_id": i} for i in range(10)])
+    e.ok("backup", "--policy", "orders")
+    for i in range(10):
+        db["c"].update_one({"_id": i}, {"$set": {"v": i}})
+    ts, expected = checkpoint(e.client(), e.database)
+    res = e.ok("changes", "stream", "--policy", "orders", "--once", "--json")
+    out = json.loads(res.stdout)
+    assert out["events_shipped"] == 11 and out["slices_shipped"] == 1, out
+    assert out["archived_at"] is not None  # caught up, and said so (heartbeat)
+    reach = e.reach()
+    assert reach is not None and (reach.time, reach.inc) >= (ts.time, ts.inc)
+    again = json.loads(e.ok("changes", "stream", "--policy", "orders", "--once", "--json").stdout)
+    assert again["events_shipped"] == 0  # nothing new: nothing shipped twice
+    e.restore("--latest")
+    assert not differences(expected, snapshot(e.target.client(), e.database))
+    assert [ev["action"] for ev in e.events()].count("changes.stream_stopped") == 2

@@ -78,3 +78,29 @@ def test_exit_names_label_failures() -> None:
     assert exit_name(130) == "interrupted"
     assert exit_name(-9) == "killed"
     assert exit_name(77) == "exit_77"
+
+
+def test_a_cron_incremental_is_a_scheduled_job_for_mongodb_only() -> None:
+    from drbot.daemon.service import Daemon as _Daemon
+    from drbot.policy.schema import Policy as _Policy
+
+    def policy(kind: str, uri: str, incremental: str) -> _Policy:
+        return _Policy.model_validate(
+            {
+                "version": 1,
+                "name": "p",
+                "source": {
+                    "kind": kind,
+                    "uri": uri,
+                    "mode": "physical" if kind == "postgresql" else None,
+                },
+                "schedule": {"full": "0 2 * * *", "incremental": incremental, "verify": None},
+                "encryption": {"key": "file:/k/p.key"},
+                "destinations": [{"name": "d", "url": "file:///tmp/d"}],
+            }
+        )
+
+    mongo = policy("mongodb", "mongodb://h:27017", "*/15 * * * *")
+    assert _Daemon._jobs(mongo) == {"full": "0 2 * * *", "incremental": "*/15 * * * *"}
+    streaming = policy("mongodb", "mongodb://h:27017", "continuous")
+    assert "incremental" not in _Daemon._jobs(streaming)
