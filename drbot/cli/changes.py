@@ -10,6 +10,7 @@ import click
 from drbot.cli import build
 from drbot.cli.common import (
     audit_trail,
+    backup_after_gap,
     find_policy,
     json_option,
     load_settings,
@@ -19,7 +20,7 @@ from drbot.cli.common import (
     stream_until_stopped,
 )
 from drbot.cli.wal import write_status_every
-from drbot.errors import ChangeHistoryLost, DrbotError, UsageError
+from drbot.errors import ChangeHistoryLost, UsageError
 
 
 @click.group("changes")
@@ -71,10 +72,7 @@ def stream(
       drbot changes stream --policy orders
       drbot changes stream --policy orders --once     catch up now, then exit 0
     """
-    from drbot.clock import SystemClock
     from drbot.engines.mongodb.engine import MongoEngine
-    from drbot.ops.audit_events import record_backup
-    from drbot.ops.backup import run_backup
     from drbot.ops.changestream import ChangeStreamer
     from drbot.ops.lock import policy_lock
     from drbot.ops.walstore import WalShipper
@@ -102,21 +100,7 @@ def stream(
             details={"error": gap.message},
         )
         click.echo(f"Error: {gap.message}; taking a new full backup now.", err=True)
-        try:
-            with policy_lock(settings.state_dir, policy.name):
-                result = run_backup(
-                    build.backup_settings(policy), engine, storages, keys, SystemClock()
-                )
-            record_backup(trail, policy.name, result, "full")
-        except DrbotError as exc:
-            trail.record(
-                "backup.failed",
-                policy=policy.name,
-                subject={"reason": "change history gap"},
-                outcome="failed",
-                details={"error": exc.message, "exit_code": exc.exit_code},
-            )
-            raise
+        backup_after_gap(settings, policy, trail, engine, "change history gap")
 
     streamer = ChangeStreamer(
         policy.name,

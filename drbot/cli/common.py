@@ -229,3 +229,32 @@ def stream_until_stopped(
     )
     if interrupted:
         raise KeyboardInterrupt
+
+
+def backup_after_gap(
+    settings: Settings, policy: Any, trail: AuditSink, engine: Any, reason: str
+) -> None:
+    """Take the full backup that answers a gap in the incrementals (WAL or change history),
+    recorded in the audit trail as any backup; a failure is recorded as `backup.failed` with
+    `reason`, and raised."""
+    from drbot.cli import build
+    from drbot.ops.audit_events import record_backup
+    from drbot.ops.backup import run_backup
+    from drbot.ops.lock import policy_lock
+
+    storages, keys = build.build_storages(policy), build.build_keys(policy)
+    try:
+        with policy_lock(settings.state_dir, policy.name):
+            result = run_backup(
+                build.backup_settings(policy), engine, storages, keys, SystemClock()
+            )
+        record_backup(trail, policy.name, result, "full")
+    except DrbotError as exc:
+        trail.record(
+            "backup.failed",
+            policy=policy.name,
+            subject={"reason": reason},
+            outcome="failed",
+            details={"error": exc.message, "exit_code": exc.exit_code},
+        )
+        raise

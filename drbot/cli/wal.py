@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -14,6 +15,7 @@ import structlog
 from drbot.cli import build
 from drbot.cli.common import (
     audit_trail,
+    backup_after_gap,
     find_policy,
     load_settings,
     policies_option,
@@ -56,11 +58,8 @@ def stream(policy_name: str, status_file: Path | None, policies_dir: Path | None
     with a new full backup. Stop with Ctrl-C or SIGTERM (the unfinished segment is shipped
     first).
     """
-    from drbot.clock import SystemClock
     from drbot.engines.postgres.engine import PostgresEngine
     from drbot.engines.postgres.wal import format_lsn
-    from drbot.ops.audit_events import record_backup
-    from drbot.ops.backup import run_backup
     from drbot.ops.lock import policy_lock
     from drbot.ops.walstore import WalShipper
     from drbot.ops.walstream import Gap, StreamSettings, WalStreamer
@@ -91,20 +90,9 @@ def stream(policy_name: str, status_file: Path | None, policies_dir: Path | None
         click.echo(f"Error: {gap.describe()}; taking a new full backup now.", err=True)
 
         def backup() -> None:
-            try:
-                with policy_lock(settings.state_dir, policy.name):
-                    result = run_backup(
-                        build.backup_settings(policy), engine, storages, keys, SystemClock()
-                    )
-                record_backup(trail, policy.name, result, "full")
-            except DrbotError as exc:
-                trail.record(
-                    "backup.failed",
-                    policy=policy.name,
-                    subject={"reason": "wal gap"},
-                    outcome="failed",
-                    details={"error": exc.message, "exit_code": exc.exit_code},
-                )
+            # In its own thread, so streaming goes on meanwhile; a failure is in the trail.
+            with contextlib.suppress(DrbotError):
+                backup_after_gap(settings, policy, trail, engine, "wal gap")
 
         threading.Thread(target=backup, name="drbot-gap-backup", daemon=True).start()
 
