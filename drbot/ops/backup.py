@@ -247,8 +247,10 @@ def run_backup(
     fingerprints: dict[str, Fingerprint] = {}
     positions: dict[str, Any] = {}
     data_key, wrapped = new_data_key(keys, storages)
+    dumps: list[DumpStream] = []
     try:
-        for dump in engine.full_dumps():
+        dumps = engine.full_dumps()
+        for dump in dumps:
             if not run.live():
                 break
             run.store_artifact(dump, data_key, wrapped)
@@ -292,6 +294,10 @@ def run_backup(
             duration_s=round(clock.monotonic() - t0, 3),
         )
         run.discard()
+        for dump in dumps:
+            # Stop what the engine started for the dumps not read (a MongoDB backup's change
+            # stream follower), not only the one that failed.
+            dump.cancel()
         raise
     ok = tuple(s.name for s in run.live())
     # a destination that failed holds objects without a manifest: remove them now if it lets us

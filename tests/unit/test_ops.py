@@ -6,6 +6,7 @@ import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -364,3 +365,30 @@ def test_verify_sample_reads_the_newest_and_random_others(keys: FileKeyProvider)
     assert again.ok
     assert not run_verify("shop", stores, keys).ok
     assert len(run_verify("shop", stores, keys, sample=9).backups) == 5
+
+
+class _CancelNotedDump(FakeDump):
+    cancelled: ClassVar[list[str]] = []
+
+    def cancel(self) -> None:
+        _CancelNotedDump.cancelled.append(self.name)
+
+
+class _FailingFirstEngine(FakeEngine):
+    """The first database's dump fails; a later dump (a MongoDB backup's change follower,
+    started by full_dumps) must be stopped too, though it was never read."""
+
+    def full_dumps(self) -> list[DumpStream]:
+        return [
+            _CancelNotedDump(d.name, d.kind, d.database, d.data, d.fail_after, d.fp)
+            for d in super().full_dumps()
+            if isinstance(d, FakeDump)
+        ]
+
+
+def test_a_failed_backup_stops_every_dump_the_engine_started(keys: FileKeyProvider) -> None:
+    _CancelNotedDump.cancelled = []
+    engine = _FailingFirstEngine({"a": _data(), "b": _data()}, fail_dump_after=1)
+    with pytest.raises(DatabaseError):
+        run_backup(SETTINGS, engine, _stores(), keys, FakeClock())
+    assert sorted(_CancelNotedDump.cancelled) == ["db/a.pgdump", "db/b.pgdump", "globals.sql"]
