@@ -42,12 +42,18 @@ def where(uri: str) -> str:
 
 def connect(uri: str, *, timeout_s: float = 10.0) -> RawClient:
     """A client returning raw BSON documents. Connects lazily; errors surface on first use."""
+    # Timeouts the URI sets itself win (pymongo lets keyword arguments override the URI).
+    given = uri.lower()
+    timeouts: dict[str, Any] = {
+        name: int(timeout_s * 1000)
+        for name in ("serverSelectionTimeoutMS", "connectTimeoutMS")
+        if f"{name.lower()}=" not in given
+    }
     try:
         return MongoClient(
             uri,
             document_class=RawBSONDocument,
-            serverSelectionTimeoutMS=int(timeout_s * 1000),
-            connectTimeoutMS=int(timeout_s * 1000),
+            **timeouts,
             # A partitioned network must fail a backup, not hang it: no single reply (a batch
             # of documents, a change-stream getMore) takes minutes.
             socketTimeoutMS=300_000,
