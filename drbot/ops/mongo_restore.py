@@ -381,7 +381,6 @@ def execute_mongo_restore(
     if plan.drop and plan.occupied:
         target.drop(client, uri, plan.occupied)
     before = set(target.existing(client, uri, covers))
-    created: list[str] = []
     try:
         loader = DumpLoader(client, covers)
         for rec in plan.dumps:
@@ -389,7 +388,6 @@ def execute_mongo_restore(
                 _counted(read_artifact(storage, rec, copy.data_key), rec, progress),
                 f"{copy.destination}:{rec.key}",
             )
-            created = list(loader.stats.collections)
         actual = target.fingerprint(client, uri, plan.expected.tables)
         mismatches = compare_fingerprints(plan.expected, actual)
         if mismatches:
@@ -427,8 +425,8 @@ def execute_mongo_restore(
     except BaseException:
         log.error("restore.mongo_failed", policy=plan.policy, backup_id=plan.backup_id)
         try:
-            made = set(created) | set(target.existing(client, uri, covers))
-            target.drop(client, uri, made - before)
+            # Everything in the covered databases now that was not there before is ours.
+            target.drop(client, uri, set(target.existing(client, uri, covers)) - before)
         except Exception as exc:
             log.error("restore.mongo_cleanup_failed", error=str(exc), target=where(uri))
         raise
