@@ -14,7 +14,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from drbot.errors import IntegrityFailure
-from drbot.pipeline.compress import MAX_LEVEL, compress_chunks, decompress_chunks
+from drbot.pipeline.compress import MAX_LEVEL, _FrameEnd, compress_chunks, decompress_chunks
 
 pytestmark = pytest.mark.unit
 
@@ -139,6 +139,54 @@ def test_standard_zstd_frames_are_accepted() -> None:
         zstandard.ZstdCompressor(level=5, write_checksum=True).compress(data),
     ):
         assert _decompress(compressed) == data
+
+
+def _trained_dictionary() -> zstandard.ZstdCompressionDict:
+    """A trained dictionary, so frames carry a 4-byte dictionary id."""
+    rng = random.Random(1)
+    samples = [
+        f"user {i} likes {rng.choice(['tea', 'milk'])}, {rng.choice(['cats', 'dogs'])}".encode() * 3
+        for i in range(3000)
+    ]
+    return zstandard.train_dictionary(2048, samples)
+
+
+@pytest.mark.parametrize("size", [0, 1, 200, 300, 70_000, 300_000])
+@pytest.mark.parametrize("content_size", [True, False])
+@pytest.mark.parametrize("dictionary", [True, False])
+def test_every_frame_header_layout_is_walked_to_its_end(
+    size: int, content_size: bool, dictionary: bool
+) -> None:
+    """The end of the frame is found from its headers: content sizes of 1, 2, 4 and 8 bytes,
+    single-segment frames, dictionary ids, raw, RLE and compressed blocks, with and without a
+    checksum. A frame cut by one byte is truncated; one byte more is extra."""
+    rng = random.Random(size)
+    data = rng.randbytes(size // 2) + bytes(size - size // 2)  # raw blocks, then RLE blocks
+    if size == 70_000:
+        data = b"x" * size  # one value only: RLE from the start
+    dict_data = _trained_dictionary() if dictionary else None
+    for checksum in (True, False):
+        compressor = zstandard.ZstdCompressor(
+            level=3, write_checksum=checksum, write_content_size=content_size, dict_data=dict_data
+        )
+        compressed = compressor.compress(data)
+        dctx = zstandard.ZstdDecompressor(dict_data=dict_data)
+        assert dctx.decompress(compressed, max_output_size=max(size, 1)) == data
+        assert zstandard.get_frame_parameters(compressed).dict_id == (
+            dict_data.dict_id() if dict_data else 0
+        )
+
+        walker = _FrameEnd()
+        for piece in _split(compressed, [size, 7, 3]):
+            walker.feed(piece)
+        assert walker.end == len(compressed)
+        assert walker.extra_at is None
+        cut = _FrameEnd()
+        cut.feed(compressed[:-1])
+        assert cut.end is None
+        more = _FrameEnd()
+        more.feed(compressed + b"\x00")
+        assert more.extra_at == len(compressed)
 
 
 # --- damage --------------------------------------------------------------------------------------
