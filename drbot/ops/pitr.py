@@ -17,9 +17,8 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
-import tarfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import structlog
 
 from drbot.catalog import BackupEntry, CatalogScan
+from drbot.engines.postgres.untar import TarExtractor
 from drbot.engines.postgres.wal import (
     DEFAULT_SEGMENT_SIZE,
     Segment,
@@ -342,34 +342,6 @@ def _check_reach(policy: str, target: Target, entry: BackupEntry, window: Window
 # -- execution ---------------------------------------------------------------------------------
 
 
-class _ChunkReader:
-    """A file-like object over an iterator of chunks, for tarfile's stream mode.
-
-    tarfile reads 10 KiB at a time from chunks of a megabyte or more: taking each read off the
-    front of a bytearray (which CPython does without moving the rest) keeps that linear, where
-    slicing an immutable buffer copied the remainder on every read.
-    """
-
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        self._chunks = chunks
-        self._buf = bytearray()
-        self._eof = False
-
-    def read(self, n: int = -1) -> bytes:
-        while (n < 0 or len(self._buf) < n) and not self._eof:
-            try:
-                self._buf += next(self._chunks)
-            except StopIteration:
-                self._eof = True
-        if n < 0 or n >= len(self._buf):
-            out = bytes(self._buf)
-            self._buf.clear()
-            return out
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        return out
-
-
 def unpack_base(
     plan: PitrPlan,
     scan: CatalogScan,
@@ -392,13 +364,14 @@ def unpack_base(
         # Reading, authenticating and decompressing in a thread of their own overlaps them
         # with writing the files (zstd and the file writes release the GIL).
         chunks = prefetch(read_artifact(storages[name], rec, copy.data_key), depth=8)
+        extractor = TarExtractor(staging)
         try:
-            counted = Counted(chunks, rec.name, progress)
-            with tarfile.open(fileobj=_ChunkReader(iter(counted)), mode="r|") as tar:  # type: ignore[call-overload]
-                tar.extractall(staging, filter="data")
+            for chunk in Counted(chunks, rec.name, progress):
+                extractor.feed(chunk)
+            extractor.finish()
             _check_backup_manifest(staging, copy.manifest.positions, f"{name}:{rec.key}")
             return name
-        except (DrbotError, tarfile.TarError, OSError) as exc:
+        except (DrbotError, OSError) as exc:
             why = exc.message if isinstance(exc, DrbotError) else f"{exc.__class__.__name__}: {exc}"
             errors[name] = why
             log.warning("restore.copy_failed", destination=name, error=why)
@@ -406,6 +379,7 @@ def unpack_base(
             shutil.rmtree(staging, ignore_errors=True)  # no decrypted data left behind
             raise
         finally:
+            extractor.release()
             chunks.close()  # stops the reading thread, whatever ended the unpacking
     shutil.rmtree(staging, ignore_errors=True)
     raise IntegrityFailure(
@@ -425,7 +399,7 @@ def _check_backup_manifest(staging: Path, positions: dict[str, object], where: s
 
 
 def verify_base(bin_dir: Path, staging: Path) -> None:
-    """pg_verifybackup: every file's size and SHA-256 against PostgreSQL's backup_manifest."""
+    """pg_verifybackup: every file's size and checksum against PostgreSQL's backup_manifest."""
     proc = subprocess.run(
         [str(bin_dir / "pg_verifybackup"), "--no-parse-wal", "--quiet", str(staging)],
         capture_output=True,

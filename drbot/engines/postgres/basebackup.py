@@ -2,7 +2,7 @@
 
 pg_basebackup writes one ustar archive of the data directory to stdout (`-D - -Ft`), with the
 WAL the backup needs (`-X fetch`) and, last, PostgreSQL's own `backup_manifest`: every file with
-its size and SHA-256, and the WAL range (timeline, start and end LSN) a restore must replay.
+its size and CRC32C, and the WAL range (timeline, start and end LSN) a restore must replay.
 drbot keeps that manifest's facts in its own manifest, so it knows the backup's positions
 without unpacking anything, and `pg_verifybackup` can check every restored file against it.
 """
@@ -21,7 +21,7 @@ _KEEP = frozenset({"backup_label", "backup_manifest", "tablespace_map"})
 _KEEP_LIMIT = 256 * 1024 * 1024
 
 
-def _tar_number(field: bytes) -> int:
+def tar_number(field: bytes) -> int:
     if field[:1] and field[0] & 0x80:  # base-256, used for sizes of 8 GiB and more
         value = field[0] & 0x7F
         for b in field[1:]:
@@ -102,7 +102,7 @@ class TarScanner:
         name = block[:100].split(b"\0", 1)[0]
         prefix = block[345:500].split(b"\0", 1)[0]
         full = (prefix + b"/" + name if prefix else name).decode(errors="replace")
-        size = _tar_number(block[124:136])
+        size = tar_number(block[124:136])
         kind = block[156:157]
         self.members += 1
         if kind == b"2":
