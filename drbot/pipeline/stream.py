@@ -121,23 +121,34 @@ class StreamEncryptor:
         """The header for a destination whose copy of the data key is `wrapped`."""
         return _encode_header(self._shared, self._header_key, wrapped)
 
-    def _seal(self, plain: bytes, last: bool) -> bytes:
+    def _seal(self, plain: bytes | bytearray | memoryview, last: bool) -> bytes:
         frame = self._aead.encrypt(_nonce(self._prefix, self._index, last), plain, self._shared)
         self._index += 1
         return frame
 
-    def update(self, data: bytes) -> list[bytes]:
+    def update(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Buffer `data`; return every full frame it completes (possibly none)."""
         if self._finished:
             raise RuntimeError("update() after finish()")
-        self._buffer += data
-        frames: list[bytes] = []
-        size = self.frame_size
         # A full frame is never the last one (the last is always shorter, maybe empty), so it
-        # can be sealed at once without waiting to learn whether more data follows.
-        while len(self._buffer) >= size:
-            frames.append(self._seal(bytes(self._buffer[:size]), last=False))
-            del self._buffer[:size]
+        # can be sealed at once without waiting to learn whether more data follows. Frames are
+        # sealed from `data` itself where they can be: only a frame's worth of bytes straddling
+        # two updates is ever copied.
+        view = memoryview(data)
+        size = self.frame_size
+        frames: list[bytes] = []
+        if self._buffer:
+            room = size - len(self._buffer)
+            self._buffer += view[:room]
+            view = view[room:]
+            if len(self._buffer) < size:
+                return frames
+            frames.append(self._seal(self._buffer, last=False))
+            self._buffer.clear()
+        while len(view) >= size:
+            frames.append(self._seal(view[:size], last=False))
+            view = view[size:]
+        self._buffer += view
         return frames
 
     def finish(self) -> bytes:

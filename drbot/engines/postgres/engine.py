@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import os
 import subprocess
 import threading
@@ -217,10 +218,25 @@ def _spawn(
         proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, env=env)
     except OSError as exc:
         raise SourceUnavailable(f"cannot run {argv[0]}: {exc}") from exc
+    if proc.stdout is not None:
+        _widen_pipe(proc.stdout.fileno())
     assert proc.stderr is not None
     errors = _StderrTail(proc.stderr)
     errors.start()
     return proc, errors
+
+
+def _widen_pipe(fd: int) -> None:
+    """Ask for a 1 MiB pipe (Linux's default is 64 KiB), best effort.
+
+    pg_basebackup and pg_dump write in small pieces; a wider pipe lets each read take up to
+    READ_BYTES at once, which cut the reads of a 1.6 GiB base backup from ~40,000 to a few
+    thousand and saved about a third of a second of system time (bench, 2 cores).
+    """
+    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if set_size is not None:
+        with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size: keep the default
+            fcntl.fcntl(fd, set_size, READ_BYTES)
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
@@ -508,7 +524,11 @@ class PostgresEngine:
                 "--format=tar",
                 "--wal-method=fetch",
                 "--checkpoint=fast",
-                "--manifest-checksums=SHA256",
+                # CRC32C (pg_basebackup's default), not SHA-256: every stored byte is already
+                # authenticated by AES-GCM, so the manifest's checksums only have to catch a
+                # file unpacked or written wrong at restore. SHA-256 cost the server a CPU
+                # second per 1.6 GiB at backup and pg_verifybackup 0.9 s more at restore.
+                "--manifest-checksums=CRC32C",
                 "--label=drbot",
                 "--no-password",
                 "--dbname",
