@@ -21,6 +21,7 @@ MAX_LEVEL = 22
 # few bytes of a zstd block can expand to 128 KiB: whole WAL segments of zeros shrink to a few
 # hundred bytes), so memory stays bounded and the per-piece cost stays small.
 _OUT_BYTES = 1 << 20
+_JOB_BYTES = 4 << 20
 _READ_BYTES = 1 << 20
 _MAGIC = 0xFD2FB528
 _FCS_BYTES = (0, 2, 4, 8)  # by Frame_Content_Size_flag (flag 0 means 1 byte with Single_Segment)
@@ -152,7 +153,17 @@ def compress_chunks(
         raise ValueError(f"zstd level must be {MIN_LEVEL}..{MAX_LEVEL}, got {level}")
     if threads < -1:
         raise ValueError(f"zstd threads must be -1 (all cores), 0 or more, got {threads}")
-    compressor = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
+    if threads:
+        # zstd's default job for levels 1-9 is 4x the window (8 MiB at level 3): with 2
+        # workers that held ~70 MiB of buffers. 4 MiB jobs hold ~35 MiB, compress as fast, and
+        # cost under 0.1 % of ratio (1.6 GiB base backup, level 3). Higher levels' defaults
+        # are larger still; zstd raises a job below its minimum for the window itself.
+        params = zstandard.ZstdCompressionParameters.from_level(
+            level, threads=threads, job_size=_JOB_BYTES, write_checksum=True
+        )
+        compressor = zstandard.ZstdCompressor(compression_params=params)
+    else:
+        compressor = zstandard.ZstdCompressor(level=level, threads=0, write_checksum=True)
     cobj = compressor.compressobj()
     for chunk in chunks:
         if not chunk:
