@@ -45,6 +45,7 @@ from drbot.engines.postgres.localserver import LocalPostgres, find_bin_dir, free
 from drbot.pipeline.filekey import generate_key_file
 
 DRBOT = [sys.executable, "-m", "drbot"]
+PLAIN_CASE = "drbot physical → local, no encryption (bench only)"
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 STANZA = "bench"
@@ -72,7 +73,16 @@ class Case:
 
 
 class Bench:
-    def __init__(self, work: Path, size: int, *, s3: bool, peers_on: bool) -> None:
+    def __init__(
+        self,
+        work: Path,
+        size: int,
+        *,
+        s3: bool,
+        peers_on: bool,
+        only: re.Pattern[str] | None = None,
+    ) -> None:
+        self.only = only
         self.work = work
         self.size = size
         self.s3 = s3
@@ -114,6 +124,8 @@ class Bench:
             self._setup_pgbackrest()
         self._versions()
         self._define_cases()
+        if self.only is not None:
+            self.cases = [c for c in self.cases if self.only.search(c.name)]
 
     def _start_s3(self) -> None:
         moto = Path(sys.executable).parent / "moto_server"
@@ -246,6 +258,20 @@ class Bench:
                 self.cases.append(
                     Case(f"drbot {mode} ← {label}", "restore", self._drbot_restore(name, mode))
                 )
+                if mode == "physical" and region is None:
+                    # The same backup with a pass-through for a cipher (bench/plain.py): what
+                    # AES-256-GCM costs. Nothing restores it.
+                    plain = self.work / "drbot-local" / f"{name}-plain"
+                    plain.mkdir(parents=True)
+                    self._policy(f"{name}-plain", mode, f"file://{plain}", None)
+                    self.cases.append(
+                        Case(
+                            PLAIN_CASE,
+                            "backup",
+                            self._drbot_backup(f"{name}-plain", plain=True),
+                            stored=self._stored(f"file://{plain}"),
+                        )
+                    )
         if self.peers:
             repos = [("local", self.pgb_local)] + ([("S3", self.pgb_s3)] if self.s3 else [])
             for label, config in repos:
@@ -269,9 +295,11 @@ class Bench:
         self.cases.append(Case("pg_restore -j2 ← pg_dump -Fc", "restore", self._pg_restore()))
         self.cases.append(Case("pg_basebackup | zstd -3 -T2 (limit)", "backup", self._limit()))
 
-    def _drbot_backup(self, policy: str) -> Callable[[int], Measurement]:
+    def _drbot_backup(self, policy: str, *, plain: bool = False) -> Callable[[int], Measurement]:
+        program = [sys.executable, "-m", "bench.plain"] if plain else DRBOT
+
         def run(_round: int) -> Measurement:
-            return measure([[*DRBOT, "backup", "--policy", policy]], env=self.env)
+            return measure([[*program, "backup", "--policy", policy]], env=self.env)
 
         return run
 
@@ -498,6 +526,14 @@ def targets(cases: list[Case]) -> list[Target]:
                 1.0,
             )
         )
+    plain = ratio(PLAIN_CASE, "drbot physical → local")
+    out.append(
+        Target(
+            "encryption, share of physical backup → local wall time",
+            None if plain is None else 1 - plain,
+            0.05,
+        )
+    )
     rss = [m.peak_rss_mib for c in cases if c.name.startswith("drbot") for m in c.results]
     out.append(Target("drbot peak RSS, MiB (largest of any case)", max(rss, default=None), 200))
     return out
@@ -565,6 +601,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a tiny dataset, one round")
     parser.add_argument("--no-s3", action="store_true", help="local destinations only")
     parser.add_argument("--no-peers", action="store_true", help="skip pgBackRest")
+    parser.add_argument(
+        "--cases",
+        type=re.compile,
+        default=None,
+        metavar="REGEX",
+        help="run only the cases whose name matches (keep the backups a chosen restore reads), "
+        "e.g. --cases '^drbot' for the 10 GB memory run",
+    )
     args = parser.parse_args(argv)
     size = parse_size(args.size) if isinstance(args.size, str) else args.size
     rounds = args.rounds
@@ -573,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.now(UTC)
     work = Path(tempfile.mkdtemp(prefix="drbot-bench-"))
     work.chmod(0o755)  # the server and pgBackRest run as `postgres` when we are root
-    bench = Bench(work, size, s3=not args.no_s3, peers_on=not args.no_peers)
+    bench = Bench(work, size, s3=not args.no_s3, peers_on=not args.no_peers, only=args.cases)
     try:
         bench.setup()
         bench.run(rounds)

@@ -35,6 +35,7 @@ CASES = [
     "pg_dump -Fc → file",
     "pg_restore -j2 ← pg_dump -Fc",
     "pg_basebackup \\| zstd -3 -T2 (limit)",
+    "drbot physical → local, no encryption (bench only)",
 ]
 
 

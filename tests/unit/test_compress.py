@@ -144,7 +144,7 @@ def test_standard_zstd_frames_are_accepted() -> None:
 def _trained_dictionary() -> zstandard.ZstdCompressionDict:
     """A trained dictionary, so frames carry a 4-byte dictionary id."""
     rng = random.Random(1)
-    samples = [
+    samples: list[bytes | bytearray | memoryview] = [
         f"user {i} likes {rng.choice(['tea', 'milk'])}, {rng.choice(['cats', 'dogs'])}".encode() * 3
         for i in range(3000)
     ]
