@@ -777,6 +777,35 @@ def test_s3_large_put_is_multipart_and_exact_part_size_is_not(aws_env: S3Server)
     assert s3.head_object(Bucket=bucket, Key="multi")["ETag"].strip('"').endswith("-3")
 
 
+def test_s3_parts_go_up_concurrently_in_order_and_a_failed_part_aborts_all(
+    aws_env: S3Server,
+) -> None:
+    """Parts in flight together still assemble in order (the bytes read back are the bytes
+    sent); a part refused by S3 (its upload gone) fails the put and leaves no upload behind."""
+    region = REGIONS[0]
+    bucket = aws_env.make_bucket(region)
+    s3 = aws_env.client("s3", region)
+    storage = _s3_storage(aws_env, bucket, region)
+    data = payload(7 * PART_SIZE + 123)
+    storage.put("many", chunked(data, 3 * MiB + 1))
+    assert s3.head_object(Bucket=bucket, Key="many")["ETag"].strip('"').endswith("-8")
+    assert b"".join(storage.open("many")) == data
+
+    def upload_vanishes() -> Iterator[bytes]:
+        for i, chunk in enumerate(chunked(data, MiB)):
+            if i == 3 * PART_SIZE // MiB:
+                for upload in _uploads(s3, bucket):
+                    s3.abort_multipart_upload(
+                        Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                    )
+            yield chunk
+
+    with pytest.raises(StorageUnavailable, match="UploadPart"):
+        storage.put("broken", upload_vanishes())
+    assert _uploads(s3, bucket) == []
+    assert [info.key for info in storage.list("")] == ["many"]
+
+
 def test_s3_prefix_maps_keys_into_the_bucket(aws_env: S3Server) -> None:
     """Keys are stored under the prefix; list returns them relative, ignoring neighbours."""
     region = REGIONS[1]
