@@ -29,6 +29,7 @@ import psycopg
 import structlog
 
 from drbot.catalog import CatalogScan
+from drbot.durable import sync_dir, sync_tree
 from drbot.engines.postgres.localserver import free_port
 from drbot.engines.postgres.wal import parse_lsn
 from drbot.errors import (
@@ -207,9 +208,11 @@ def execute_pitr(
         if run_as is not None:
             _chown_tree(staging, run_as)
             _chown_tree(spool, run_as)
+        sync_tree(staging)
         if target_dir.exists():
             target_dir.rmdir()
         staging.rename(target_dir)
+        sync_dir(target_dir.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(spool, ignore_errors=True)

@@ -22,6 +22,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from drbot.durable import sync_dir
 from drbot.errors import KeyProblem
 from drbot.pipeline.keys import KeyProvider, WrappedKey
 
@@ -75,18 +76,9 @@ def generate_key_file(path: Path) -> str:
         with contextlib.suppress(OSError):
             path.unlink()
         raise KeyProblem(f"cannot write key file {path}: {exc.strerror}") from None
-    _fsync_dir(path.parent)
+    with contextlib.suppress(OSError):  # best effort: some filesystems refuse to fsync directories
+        sync_dir(path.parent)
     return file_key_id(key)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Best effort: some filesystems refuse to open or fsync directories.
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def read_key_file(path: Path) -> bytes:

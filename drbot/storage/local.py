@@ -23,6 +23,7 @@ from pathlib import Path
 
 import structlog
 
+from drbot.durable import sync_dir
 from drbot.errors import ObjectNotFound, PreconditionFailed, StorageUnavailable
 from drbot.storage.base import ObjectInfo, PutResult, Storage
 
@@ -74,14 +75,6 @@ def _partial_target(name: str) -> str:
     return name[1 : name.index(PARTIAL_MARK)]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class LocalStorage:
     """Objects as files under `root`; see the module docstring for the durability rules."""
 
@@ -120,7 +113,7 @@ class LocalStorage:
         for path in reversed(missing):
             with contextlib.suppress(FileExistsError):  # a concurrent put made it first
                 path.mkdir()
-            _fsync_dir(path.parent)
+            sync_dir(path.parent)
 
     # -- Storage -------------------------------------------------------------------------
 
@@ -164,7 +157,7 @@ class LocalStorage:
                 out.flush()
                 os.fsync(out.fileno())
             tmp.replace(path)
-            _fsync_dir(path.parent)
+            sync_dir(path.parent)
         except BaseException as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
@@ -268,7 +261,7 @@ class LocalStorage:
         try:
             path.unlink(missing_ok=True)
             if path.parent.is_dir():
-                _fsync_dir(path.parent)
+                sync_dir(path.parent)
         except NotADirectoryError:
             return
         except OSError as exc:
