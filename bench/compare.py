@@ -639,7 +639,10 @@ Appended by `make bench` (`python -m bench.compare`, see its docstring): drbot a
 pgBackRest, pg_dump and the read + compress limit, on the same server and data, in one run,
 cases alternating. Newest last. Targets (issue 9): physical full backup ≤ 0.5 x pgBackRest with
 process-max 2 and ≤ 1.3 x `pg_basebackup | zstd -3 -T2`; logical full backup ≥ 4 x faster than
-`pg_dump -Fc`; restore ≤ pgBackRest's; peak RSS < 200 MB.
+`pg_dump -Fc`; restore ≤ pgBackRest's; peak RSS < 200 MB and within 10 % between 1.5 GB and
+10 GB (`BENCH_SIZE=10GB make bench`, or `python -m bench.compare --size 10GB --cases '^drbot'`
+for drbot's cases alone); encryption ≤ 5 % of backup wall time (the case "no encryption (bench
+only)" runs the same backup with a pass-through for a cipher, `bench/plain.py`).
 """
 
 
