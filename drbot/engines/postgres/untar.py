@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path, PurePosixPath
 
-from drbot.durable import start_writeback
+from drbot.durable import WRITEBACK_EVERY, start_writeback
 from drbot.engines.postgres.basebackup import tar_number
 from drbot.errors import IntegrityFailure
 
@@ -23,7 +23,6 @@ _BLOCK = 512
 _FILE_TYPES = (b"0", b"\0", b"7")  # 7: contiguous file, a regular file to every reader
 _DIR_TYPE = b"5"
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-_WRITEBACK_EVERY = 32 << 20
 
 
 class TarExtractor:
@@ -57,7 +56,7 @@ class TarExtractor:
                     piece = piece[os.write(self._fd, piece) :]
                 self._left -= take
                 self._unflushed += take
-                if self._unflushed >= _WRITEBACK_EVERY:
+                if self._unflushed >= WRITEBACK_EVERY:
                     start_writeback(self._fd)
                     self._unflushed = 0
                 view = view[take:]
