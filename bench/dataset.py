@@ -49,53 +49,61 @@ CREATE INDEX customers_email ON customers (email);
 """
 
 # One batch: about 25 MB of table data. {lo} is the first id of the batch, {n} its size.
+# hashint8 returns int4, whose abs() overflows for -2^31 (met within the first 10 GB of ids):
+# every abs(hashint8(..)) widens to bigint first, which changes no other value.
 BATCH = """
 INSERT INTO customers
 SELECT g, initcap(w1.w) || ' ' || initcap(w2.w) || '-' || (g % 97),
        lower(w1.w) || '.' || g || '@' || w2.w || '.example',
-       (ARRAY['DE','FR','US','GB','NL','ES','IT','PL','SE','JP'])[1 + abs(hashint8(g + 7)) % 10],
+       (ARRAY['DE','FR','US','GB','NL','ES','IT','PL','SE','JP'])
+         [1 + abs(hashint8(g + 7)::bigint) % 10],
        timestamptz '2020-01-01' + random() * interval '2000 days',
        round((random() * 10000)::numeric, 2), random() < 0.06
 FROM generate_series({lo}, {lo} + {n} / 10 - 1) g
-JOIN words w1 ON w1.i = 1 + abs(hashint8(g)) % 100
-JOIN words w2 ON w2.i = 1 + abs(hashint8(-g)) % 100;
+JOIN words w1 ON w1.i = 1 + abs(hashint8(g)::bigint) % 100
+JOIN words w2 ON w2.i = 1 + abs(hashint8(-g)::bigint) % 100;
 
 INSERT INTO orders
-SELECT g, 1 + abs(hashint8(g)) % ({lo} / 10 + {n} / 10),
+SELECT g, 1 + abs(hashint8(g)::bigint) % ({lo} / 10 + {n} / 10),
        timestamptz '2023-01-01' + g * interval '17 s' + random() * interval '17 s',
-       (ARRAY['new','paid','packed','shipped','delivered','returned'])[1 + abs(hashint8(g)) % 6],
-       round((random() * 500)::numeric, 2), 1 + abs(hashint8(g + 1)) % 7,
+       (ARRAY['new','paid','packed','shipped','delivered','returned'])
+         [1 + abs(hashint8(g)::bigint) % 6],
+       round((random() * 500)::numeric, 2), 1 + abs(hashint8(g + 1)::bigint) % 7,
        CASE WHEN random() < 0.25 THEN 'please ' || w.w || ' before ' || (g % 28 + 1) || ' ' ||
             to_char(timestamptz '2023-01-01' + g * interval '17 s', 'Mon') END
-FROM generate_series({lo}, {lo} + {n} - 1) g JOIN words w ON w.i = 1 + abs(hashint8(g + 2)) % 100;
+FROM generate_series({lo}, {lo} + {n} - 1) g
+JOIN words w ON w.i = 1 + abs(hashint8(g + 2)::bigint) % 100;
 
 INSERT INTO order_lines
-SELECT o, l, 'SKU-' || lpad((abs(hashint8(o * 4 + l)) % 50000)::text, 6, '0'),
-       1 + abs(hashint8(o * 4 - l)) % 5,
+SELECT o, l, 'SKU-' || lpad((abs(hashint8(o * 4 + l)::bigint) % 50000)::text, 6, '0'),
+       1 + abs(hashint8(o * 4 - l)::bigint) % 5,
        round((1 + random() * 200)::numeric, 2)
 FROM generate_series({lo}, {lo} + {n} - 1) o, generate_series(1, 3) l;
 
 INSERT INTO events
 SELECT g, timestamptz '2024-01-01' + g * interval '3 s' + random() * interval '3 s',
-       (ARRAY['login','view','cart','checkout','logout','search'])[1 + abs(hashint8(g)) % 6],
-       jsonb_build_object('user', abs(hashint8(g)) % 100000,
-         'ip', '10.' || (abs(hashint8(g + 1)) % 256) || '.' || (abs(hashint8(g + 2)) % 256)
-           || '.' || (abs(hashint8(g + 3)) % 256),
-         'agent', (ARRAY['firefox','chrome','safari'])[1 + abs(hashint8(g + 4)) % 3],
+       (ARRAY['login','view','cart','checkout','logout','search'])
+         [1 + abs(hashint8(g)::bigint) % 6],
+       jsonb_build_object('user', abs(hashint8(g)::bigint) % 100000,
+         'ip', '10.' || (abs(hashint8(g + 1)::bigint) % 256)
+           || '.' || (abs(hashint8(g + 2)::bigint) % 256)
+           || '.' || (abs(hashint8(g + 3)::bigint) % 256),
+         'agent', (ARRAY['firefox','chrome','safari'])[1 + abs(hashint8(g + 4)::bigint) % 3],
          'query', CASE WHEN random() < 0.17 THEN w.w END, 'ms', (random() * 900)::int,
          'ok', random() > 0.02)
-FROM generate_series({lo}, {lo} + {n} - 1) g JOIN words w ON w.i = 1 + abs(hashint8(g + 5)) % 100;
+FROM generate_series({lo}, {lo} + {n} - 1) g
+JOIN words w ON w.i = 1 + abs(hashint8(g + 5)::bigint) % 100;
 
 INSERT INTO documents
 SELECT g, initcap(w.w) || ' report ' || g,
        (SELECT string_agg(x.w, ' ' ORDER BY k)
           FROM generate_series(1, 40 + g % 80) k
-          JOIN words x ON x.i = 1 + abs(hashint8(g * 1000 + k)) % 100),
+          JOIN words x ON x.i = 1 + abs(hashint8(g * 1000 + k)::bigint) % 100),
        CASE WHEN g % 3 = 0 THEN (SELECT decode(string_agg(md5(random()::text), ''), 'hex')
                                  FROM generate_series(1, 16 + g % 2))  -- ~260 random bytes
        END
 FROM generate_series({lo}, {lo} + {n} / 4 - 1) g
-JOIN words w ON w.i = 1 + abs(hashint8(g + 6)) % 100;
+JOIN words w ON w.i = 1 + abs(hashint8(g + 6)::bigint) % 100;
 """
 
 BATCH_ROWS = 100_000
