@@ -49,8 +49,9 @@ CREATE INDEX customers_email ON customers (email);
 """
 
 # One batch: about 25 MB of table data. {lo} is the first id of the batch, {n} its size.
-# hashint8 returns int4, whose abs() overflows for -2^31 (met within the first 10 GB of ids):
-# every abs(hashint8(..)) widens to bigint first, which changes no other value.
+# Ids are bigint from the start ({lo}::bigint): generate_series of two int4 gives int4, and
+# g * 1000 overflowed past ~2.1 M ids (a database of ~1.6 GB). hashint8 returns int4, whose
+# abs() overflows for -2^31: each abs(hashint8(..)) widens first. Neither changes a value.
 BATCH = """
 INSERT INTO customers
 SELECT g, initcap(w1.w) || ' ' || initcap(w2.w) || '-' || (g % 97),
@@ -59,7 +60,7 @@ SELECT g, initcap(w1.w) || ' ' || initcap(w2.w) || '-' || (g % 97),
          [1 + abs(hashint8(g + 7)::bigint) % 10],
        timestamptz '2020-01-01' + random() * interval '2000 days',
        round((random() * 10000)::numeric, 2), random() < 0.06
-FROM generate_series({lo}, {lo} + {n} / 10 - 1) g
+FROM generate_series({lo}::bigint, {lo} + {n} / 10 - 1) g
 JOIN words w1 ON w1.i = 1 + abs(hashint8(g)::bigint) % 100
 JOIN words w2 ON w2.i = 1 + abs(hashint8(-g)::bigint) % 100;
 
@@ -71,14 +72,14 @@ SELECT g, 1 + abs(hashint8(g)::bigint) % ({lo} / 10 + {n} / 10),
        round((random() * 500)::numeric, 2), 1 + abs(hashint8(g + 1)::bigint) % 7,
        CASE WHEN random() < 0.25 THEN 'please ' || w.w || ' before ' || (g % 28 + 1) || ' ' ||
             to_char(timestamptz '2023-01-01' + g * interval '17 s', 'Mon') END
-FROM generate_series({lo}, {lo} + {n} - 1) g
+FROM generate_series({lo}::bigint, {lo} + {n} - 1) g
 JOIN words w ON w.i = 1 + abs(hashint8(g + 2)::bigint) % 100;
 
 INSERT INTO order_lines
 SELECT o, l, 'SKU-' || lpad((abs(hashint8(o * 4 + l)::bigint) % 50000)::text, 6, '0'),
        1 + abs(hashint8(o * 4 - l)::bigint) % 5,
        round((1 + random() * 200)::numeric, 2)
-FROM generate_series({lo}, {lo} + {n} - 1) o, generate_series(1, 3) l;
+FROM generate_series({lo}::bigint, {lo} + {n} - 1) o, generate_series(1, 3) l;
 
 INSERT INTO events
 SELECT g, timestamptz '2024-01-01' + g * interval '3 s' + random() * interval '3 s',
@@ -91,7 +92,7 @@ SELECT g, timestamptz '2024-01-01' + g * interval '3 s' + random() * interval '3
          'agent', (ARRAY['firefox','chrome','safari'])[1 + abs(hashint8(g + 4)::bigint) % 3],
          'query', CASE WHEN random() < 0.17 THEN w.w END, 'ms', (random() * 900)::int,
          'ok', random() > 0.02)
-FROM generate_series({lo}, {lo} + {n} - 1) g
+FROM generate_series({lo}::bigint, {lo} + {n} - 1) g
 JOIN words w ON w.i = 1 + abs(hashint8(g + 5)::bigint) % 100;
 
 INSERT INTO documents
@@ -102,7 +103,7 @@ SELECT g, initcap(w.w) || ' report ' || g,
        CASE WHEN g % 3 = 0 THEN (SELECT decode(string_agg(md5(random()::text), ''), 'hex')
                                  FROM generate_series(1, 16 + g % 2))  -- ~260 random bytes
        END
-FROM generate_series({lo}, {lo} + {n} / 4 - 1) g
+FROM generate_series({lo}::bigint, {lo} + {n} / 4 - 1) g
 JOIN words w ON w.i = 1 + abs(hashint8(g + 6)::bigint) % 100;
 """
 
