@@ -425,6 +425,8 @@ class Bench:
         for r in range(rounds):
             # Restores read what this round's backups wrote; each list rotates per round.
             for group in (backups, restores):
+                if not group:  # --cases chose none of this kind
+                    continue
                 k = r % len(group)
                 for case in group[k:] + group[:k]:
                     with psycopg.connect(self.pg.uri(), autocommit=True) as conn:
