@@ -13,7 +13,6 @@ thousands a second) stay on the heap, where mapping each would cost page faults.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 _M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 MMAP_THRESHOLD = 4 << 20
@@ -21,10 +20,11 @@ MMAP_THRESHOLD = 4 << 20
 
 def fix_mmap_threshold() -> bool:
     """Set glibc's mmap threshold to MMAP_THRESHOLD; False where malloc is not glibc's."""
-    name = ctypes.util.find_library("c")
     try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError, TypeError):
+        # The process's own symbols, as drbot.durable reaches libc: find_library("c") would
+        # run ldconfig in a subprocess at every drbot start.
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
