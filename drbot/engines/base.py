@@ -12,12 +12,15 @@ class TableFingerprint:
     """What one table (or collection) looked like: row count and an order-independent checksum.
 
     `checksum` is hex; `columns` is the engine's column list used to recompute it after a restore
-    (for PostgreSQL the quoted column list of the dump's COPY statement).
+    (for PostgreSQL the quoted column list of the dump's COPY statement); `alg` names how the
+    checksum was computed, empty for the engine's first way (the engine recomputes it the same
+    way after a restore).
     """
 
     rows: int
     checksum: str
     columns: str = ""
+    alg: str = ""
 
 
 @dataclass(frozen=True)
@@ -27,8 +30,10 @@ class Fingerprint:
     tables: dict[str, TableFingerprint] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, dict[str, object]]:
+        # "alg" only when set: fingerprints of the first way keep their original form.
         return {
             name: {"rows": t.rows, "checksum": t.checksum, "columns": t.columns}
+            | ({"alg": t.alg} if t.alg else {})
             for name, t in sorted(self.tables.items())
         }
 
@@ -40,6 +45,7 @@ class Fingerprint:
                     rows=int(str(t["rows"])),
                     checksum=str(t["checksum"]),
                     columns=str(t.get("columns", "")),
+                    alg=str(t.get("alg", "")),
                 )
                 for name, t in data.items()
             }

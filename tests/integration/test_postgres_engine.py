@@ -6,6 +6,8 @@ dumped once per module; each test restores those bytes into databases of its own
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import random
 import uuid
 from collections.abc import Iterator
@@ -16,10 +18,10 @@ import pytest
 from psycopg import sql
 
 from drbot.engines.base import Fingerprint, compare_fingerprints
-from drbot.engines.postgres.archive import ArchiveFingerprinter
+from drbot.engines.postgres.archive import SHA256_128, XXH3_128, ArchiveFingerprinter
 from drbot.engines.postgres.engine import PostgresEngine
 from drbot.engines.postgres.localserver import LocalPostgres, free_port
-from drbot.errors import DatabaseError, SourceUnavailable
+from drbot.errors import DatabaseError, IntegrityFailure, SourceUnavailable
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -188,6 +190,7 @@ def test_fingerprint_covers_every_table(dumped: Dumped) -> None:
     for table in fp.tables.values():
         assert len(table.checksum) == 32
         assert table.checksum == table.checksum.lower()
+        assert table.alg == XXH3_128
     assert fp.tables["public.empty_table"].checksum == "0" * 32
     assert '"Qty"' in fp.tables["public.Order Items"].columns
     # Generated columns are not in the dump's COPY, so not in the recomputed one either.
@@ -199,6 +202,57 @@ def test_fingerprint_matches_source(dumped: Dumped) -> None:
     again = dumped.engine.fingerprint_target(dumped.source_uri, dumped.fingerprint)
     assert compare_fingerprints(dumped.fingerprint, again) == []
     assert again == dumped.fingerprint
+
+
+def _sha256_sums(uri: str, tables: dict[str, str]) -> dict[str, tuple[int, str]]:
+    """Rows and SHA-256 checksum of each table, by hand, as docs/postgres-logical.md defines it."""
+    out: dict[str, tuple[int, str]] = {}
+    with psycopg.connect(uri, autocommit=True) as conn:
+        for setting in ("DateStyle = ISO", "IntervalStyle = postgres", "extra_float_digits = 3"):
+            conn.execute(f"SET {setting}")
+        conn.execute("SET TimeZone = 'UTC'")
+        for name, columns in tables.items():
+            schema, _, table = name.partition(".")
+            text = b""
+            query = sql.SQL("COPY {} ({}) TO STDOUT").format(
+                sql.Identifier(schema, table), sql.SQL(columns)
+            )
+            with conn.cursor().copy(query) as copy:
+                text = b"".join(bytes(data) for data in copy)
+            lines = text.split(b"\n")[:-1]
+            total = sum(int.from_bytes(hashlib.sha256(x).digest()[:16], "big") for x in lines)
+            out[name] = (len(lines), f"{total % 2**128:032x}")
+    return out
+
+
+def test_backups_before_xxh3_are_checked_with_sha256(dumped: Dumped) -> None:
+    # A manifest written before 2026-12-02 names no checksum: its rows were summed with SHA-256.
+    names = ["public.types", "public.Order Items", "public.big", "public.empty_table"]
+    by_hand = _sha256_sums(
+        dumped.source_uri, {n: dumped.fingerprint.tables[n].columns for n in names}
+    )
+    legacy = Fingerprint(
+        tables={
+            name: dataclasses.replace(
+                dumped.fingerprint.tables[name], checksum=by_hand[name][1], alg=SHA256_128
+            )
+            for name in names
+        }
+    )
+    assert "alg" not in legacy.to_json()["public.big"]
+    again = dumped.engine.fingerprint_target(
+        dumped.source_uri, Fingerprint.from_json(legacy.to_json())
+    )
+    assert again == legacy
+    assert {n: (t.rows, t.checksum) for n, t in again.tables.items()} == by_hand
+    assert by_hand["public.big"][1] != dumped.fingerprint.tables["public.big"].checksum
+
+
+def test_unknown_checksum_is_integrity_failure(dumped: Dumped) -> None:
+    table = dumped.fingerprint.tables["public.big"]
+    future = Fingerprint(tables={"public.big": dataclasses.replace(table, alg="blake9")})
+    with pytest.raises(IntegrityFailure, match="unknown row checksum 'blake9'"):
+        dumped.engine.fingerprint_target(dumped.source_uri, future)
 
 
 def test_restore_round_trip(dumped: Dumped, pg_server: LocalPostgres) -> None:

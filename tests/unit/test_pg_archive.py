@@ -21,11 +21,18 @@ import hashlib
 import random
 
 import pytest
+import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drbot.engines.base import Fingerprint, TableFingerprint
-from drbot.engines.postgres.archive import ArchiveFingerprinter, LineSummer
+from drbot.engines.postgres import archive
+from drbot.engines.postgres.archive import (
+    SHA256_128,
+    XXH3_128,
+    ArchiveFingerprinter,
+    LineSummer,
+)
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
@@ -92,6 +99,14 @@ def _data_block(dump_id: int, payload: bytes, chunk: int = 7) -> bytes:
     return out + _int(0)
 
 
+def _row_block(dump_id: int, rows: list[bytes], end: bytes = b"\\.\n\n\n") -> bytes:
+    """A data block as pg_dump writes it: one chunk per row, then its "\\.\\n\\n\\n" chunk."""
+    out = bytes([1]) + _int(dump_id)
+    for row in [*(r + b"\n" for r in rows), end]:
+        out += _int(len(row)) + row
+    return out + _int(0)
+
+
 ORDERS_ROWS = [b"1\talice\t\\N", b"2\tbob\t3.5", b"3\t\xc3\xa9\\t\\n\t-0"]
 ORDERS_COPY = b"".join(r + b"\n" for r in ORDERS_ROWS) + b"\\.\n\n"
 EMPTY_COPY = b"\\.\n\n"
@@ -124,13 +139,27 @@ def _archive(*, minor: int = 14, compression: int = 0) -> bytes:
     return out + _data_block(5, ORDERS_COPY) + _data_block(6, EMPTY_COPY)
 
 
-def _expected_sum(lines: list[bytes]) -> str:
-    total = sum(int.from_bytes(hashlib.sha256(line).digest()[:16], "big") for line in lines)
+def _expected_sum(lines: list[bytes], alg: str = XXH3_128) -> str:
+    """The checksum as docs/postgres-logical.md defines it, written out independently."""
+    if alg == XXH3_128:
+        total = sum(int.from_bytes(xxhash.xxh3_128_digest(line), "big") for line in lines)
+    else:
+        total = sum(int.from_bytes(hashlib.sha256(line).digest()[:16], "big") for line in lines)
     return f"{total & MASK:032x}"
 
 
-def _fingerprint(data: bytes, sizes: list[int] | None = None) -> Fingerprint | None:
-    fp = ArchiveFingerprinter("test")
+class _WalkOnly(ArchiveFingerprinter):
+    """Reads every chunk one by one: the reference the C-call path must agree with."""
+
+    def _whole_rows(self, buf: bytearray, pos: int) -> tuple[int, bool]:
+        self._fast = False
+        return 0, False
+
+
+def _fingerprint(
+    data: bytes, sizes: list[int] | None = None, *, walk_only: bool = False
+) -> Fingerprint | None:
+    fp = _WalkOnly("test") if walk_only else ArchiveFingerprinter("test")
     if sizes is None:
         fp.feed(data)
     else:
@@ -142,8 +171,8 @@ def _fingerprint(data: bytes, sizes: list[int] | None = None) -> Fingerprint | N
     return fp.result()
 
 
-def _sum(data: bytes, splits: list[int] | None = None) -> tuple[int, str]:
-    summer = LineSummer()
+def _sum(data: bytes, splits: list[int] | None = None, alg: str = XXH3_128) -> tuple[int, str]:
+    summer = LineSummer(alg)
     if splits is None:
         summer.feed(data)
     else:
@@ -164,17 +193,33 @@ lines_strategy = st.lists(
 )
 
 
-def test_checksum_definition_by_hand() -> None:
-    rows, checksum = _sum(b"a\tb\n\\N\t\n")
+@pytest.mark.parametrize("alg", [XXH3_128, SHA256_128])
+def test_checksum_definition_by_hand(alg: str) -> None:
+    rows, checksum = _sum(b"a\tb\n\\N\t\n", alg=alg)
     assert rows == 2
-    assert checksum == _expected_sum([b"a\tb", b"\\N\t"])
+    assert checksum == _expected_sum([b"a\tb", b"\\N\t"], alg)
     assert len(checksum) == 32
     assert checksum == checksum.lower()
+    assert LineSummer(alg).result("c").alg == alg
+
+
+def test_checksum_of_known_values() -> None:
+    # Fixed values, so a change of either definition cannot pass unnoticed (the SHA-256 one is
+    # what every backup before 2026-12-02 holds).
+    assert _sum(b"a\n", alg=XXH3_128)[1] == "a96faf705af16834e6c632b61e964e1f"
+    assert _sum(b"a\n", alg=SHA256_128)[1] == "ca978112ca1bbdcafac231b39a23dc4d"
+
+
+def test_unknown_checksum_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown row checksum 'md5'"):
+        LineSummer("md5")
 
 
 def test_no_input_is_zero_rows_and_zero_sum() -> None:
     assert _sum(b"") == (0, "0" * 32)
-    assert LineSummer().result("x") == TableFingerprint(rows=0, checksum="0" * 32, columns="x")
+    assert LineSummer().result("x") == TableFingerprint(
+        rows=0, checksum="0" * 32, columns="x", alg=XXH3_128
+    )
 
 
 @settings(max_examples=200, deadline=None)
@@ -248,9 +293,9 @@ def test_duplicate_rows_are_not_cancelled() -> None:
 EXPECTED = Fingerprint(
     tables={
         "public.orders": TableFingerprint(
-            rows=3, checksum=_expected_sum(ORDERS_ROWS), columns='id, "Name", price'
+            rows=3, checksum=_expected_sum(ORDERS_ROWS), columns='id, "Name", price', alg=XXH3_128
         ),
-        "app.empty": TableFingerprint(rows=0, checksum="0" * 32, columns="id"),
+        "app.empty": TableFingerprint(rows=0, checksum="0" * 32, columns="id", alg=XXH3_128),
     }
 )
 
@@ -285,7 +330,7 @@ def test_large_archive_fed_in_pieces() -> None:
     expected = Fingerprint(
         tables={
             "public.orders": TableFingerprint(
-                rows=3000, checksum=_expected_sum(rows), columns="id, t, n"
+                rows=3000, checksum=_expected_sum(rows), columns="id, t, n", alg=XXH3_128
             )
         }
     )
@@ -391,3 +436,180 @@ def test_feeding_after_failure_is_ignored() -> None:
     fp.feed(_archive())
     assert fp.result() is None
     assert fp.result() is None
+
+
+# -- one chunk per row (pg_dump's own shape): the C-call path -----------------------------
+
+# Row lengths whose chunk headers hold a newline byte, a zero byte or both ("\n\x00" inside a
+# header is what a split at newlines alone would get wrong): 9 + 1 = 0x0a, 2559 + 1 = 0x0a00.
+AWKWARD_LENGTHS = [0, 1, 9, 10, 255, 265, 2559, 2569, 65545]
+
+
+def _pg_archive(
+    rows: list[bytes], *, other: list[bytes] | None = None, end: bytes = b"\\.\n\n\n"
+) -> bytes:
+    toc = [
+        _toc_entry(
+            5,
+            tag=b"orders",
+            desc=b"TABLE DATA",
+            namespace=b"public",
+            copy_stmt=b"COPY public.orders (id, t) FROM stdin;\n",
+        ),
+        _toc_entry(
+            6,
+            tag=b"empty",
+            desc=b"TABLE DATA",
+            namespace=b"app",
+            copy_stmt=b"COPY app.empty (id) FROM stdin;\n",
+        ),
+    ]
+    head = _header() + _int(len(toc)) + b"".join(toc)
+    return head + _row_block(5, rows, end) + _row_block(6, other or [], end)
+
+
+def _pg_expected(rows: list[bytes], other: list[bytes] | None = None) -> Fingerprint:
+    other = other or []
+    return Fingerprint(
+        tables={
+            "public.orders": TableFingerprint(
+                rows=len(rows), checksum=_expected_sum(rows), columns="id, t", alg=XXH3_128
+            ),
+            "app.empty": TableFingerprint(
+                rows=len(other), checksum=_expected_sum(other), columns="id", alg=XXH3_128
+            ),
+        }
+    )
+
+
+def _awkward_rows() -> list[bytes]:
+    rows = []
+    for i, n in enumerate(AWKWARD_LENGTHS * 3):
+        rows.append((f"{i}\t".encode() + b"x" * n)[:n] if n else b"")
+    return rows
+
+
+def test_one_chunk_per_row_goes_through_c_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = [f"{i}\tname {i}\t{'y' * (i % 300)}".encode() for i in range(20_000)]
+    taken: list[int] = []
+    add_lines = LineSummer.add_lines
+
+    def counting(self: LineSummer, lines: list[bytes]) -> None:
+        taken.append(len(lines))
+        add_lines(self, lines)
+
+    monkeypatch.setattr(LineSummer, "add_lines", counting)
+    data = _pg_archive(rows)
+    assert _fingerprint(data) == _pg_expected(rows)
+    assert sum(taken) == len(rows)  # fed whole: not one row walked
+    taken.clear()
+    assert _fingerprint(data, [65536] * (len(data) // 65536 + 1)) == _pg_expected(rows)
+    # Every row but those cut by a feed boundary is counted without walking its chunk.
+    assert sum(taken) >= len(rows) - len(data) // 65536 - 2
+
+
+def test_headers_holding_newline_and_zero_bytes() -> None:
+    rows = _awkward_rows()
+    data = _pg_archive(rows, other=[b"1", b""])
+    expected = _pg_expected(rows, [b"1", b""])
+    assert _fingerprint(data) == expected
+    assert _fingerprint(data, [1] * len(data)) == expected
+    assert _fingerprint(data, walk_only=True) == expected
+
+
+class _CountingSplit:
+    """Stands in for `archive._ROW_END`, noting the size of every split."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self._pattern = archive._ROW_END
+
+    def split(self, data: bytes) -> list[bytes]:
+        self.sizes.append(len(data))
+        return self._pattern.split(data)
+
+
+def test_a_row_longer_than_a_read_is_walked(monkeypatch: pytest.MonkeyPatch) -> None:
+    splits = _CountingSplit()
+    monkeypatch.setattr(archive, "_ROW_END", splits)
+    big = b"1\t" + b"z" * (archive._FAST_MAX_ROW + 123)
+    rows = [b"0\tsmall", big, b"2\tafter"]
+    data = _pg_archive(rows)
+    expected = _pg_expected(rows)
+    assert _fingerprint(data, [1 << 16] * (len(data) // (1 << 16) + 1)) == expected
+    # Not split again each time a piece of it arrives (that would be quadratic).
+    assert sum(splits.sizes) < 2 * len(data)
+    assert _fingerprint(data) == expected
+
+
+def test_chunks_holding_several_rows_or_part_of_one() -> None:
+    # Not what pg_dump writes, but the format allows it: the result must not change.
+    rows = [b"a\t1", b"b\t2", b"c\t3", b"d\t4", b"e\t5"]
+    chunks = [b"a\t1\n", b"b\t2\nc\t3\n", b"d\t", b"4\n", b"e\t5\n", b"\\.\n\n\n"]
+    assert _fingerprint(_replace_block(_pg_archive([]), chunks)) == _pg_expected(rows)
+
+
+def _replace_block(data: bytes, chunks: list[bytes]) -> bytes:
+    """`data` (from `_pg_archive`) with table 5's data block made of exactly `chunks`."""
+    block = bytes([1]) + _int(5) + b"".join(_int(len(c)) + c for c in chunks) + _int(0)
+    return data[: data.index(bytes([1]) + _int(5))] + block + _row_block(6, [])
+
+
+def test_terminator_alone_in_its_chunk() -> None:
+    data = _replace_block(_pg_archive([]), [b"a\n", b"b\n", b"\\.\n", b"c\n"])
+    assert _fingerprint(data) == _pg_expected([b"a", b"b"])
+
+
+def test_a_last_chunk_without_a_newline() -> None:
+    # The archive's last chunk is whole but no row end follows it: read it, do not wait.
+    data = _replace_block(_pg_archive([]), [b"a\n", b"b"])
+    first, second = data.index(bytes([1]) + _int(5)), data.index(bytes([1]) + _int(6))
+    data = data[:first] + data[second:] + data[first:second]  # table 5's block last
+    assert _fingerprint(data) == _pg_expected([b"a", b"b"])
+
+
+def test_other_shapes_are_split_once_not_at_every_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    splits = _CountingSplit()
+    monkeypatch.setattr(archive, "_ROW_END", splits)
+    rows = [f"{i}\tr".encode() for i in range(4000)]
+    pairs = [rows[i] + b"\n" + rows[i + 1] + b"\n" for i in range(0, len(rows), 2)]
+    data = _replace_block(_pg_archive([]), [*pairs, b"\\.\n\n\n"])
+    assert _fingerprint(data) == _pg_expected(rows)
+    assert len(splits.sizes) <= 4
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rows=st.lists(
+        st.one_of(
+            st.binary(max_size=30).map(lambda b: b.replace(b"\n", b" ").replace(b"\x00", b"0")),
+            st.sampled_from(AWKWARD_LENGTHS[:7]).map(lambda n: b"q" * n),
+        ).filter(lambda b: b != b"\\."),
+        max_size=40,
+    ),
+    sizes=st.lists(st.integers(min_value=1, max_value=300), max_size=30),
+    end=st.sampled_from([b"\\.\n\n\n", b"\\.\n"]),
+)
+def test_same_result_as_walking_every_chunk(
+    rows: list[bytes], sizes: list[int], end: bytes
+) -> None:
+    data = _pg_archive(rows, other=rows[:3], end=end)
+    fast = _fingerprint(data, sizes)
+    assert fast == _fingerprint(data, sizes, walk_only=True)
+    assert fast == _pg_expected(rows, rows[:3])
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.data())
+def test_same_result_as_walking_on_damaged_archives(data: st.DataObject) -> None:
+    # Whatever a damaged archive yields (None or some fingerprint), both paths yield the same.
+    # Short rows, so that a good share of the damage lands in chunk headers.
+    rows = [b"q" * 9, b"x\ty", b"", b"z", b"q" * 8, b"1\t2\t3"] * 3
+    good = bytearray(_pg_archive(rows, other=[b"7"]))
+    start = good.index(bytes([1]) + _int(5))
+    for _ in range(data.draw(st.integers(min_value=1, max_value=3))):
+        at = data.draw(st.integers(min_value=start, max_value=len(good) - 1))
+        good[at] = data.draw(st.sampled_from([0x00, 0x01, 0x02, 0x09, 0x0A, 0x0B, 0x5C, 0x2E]))
+    sizes = data.draw(st.lists(st.integers(min_value=1, max_value=200), max_size=20))
+    damaged = bytes(good)
+    assert _fingerprint(damaged, sizes) == _fingerprint(damaged, sizes, walk_only=True)

@@ -19,20 +19,36 @@ An int is a sign byte then `int_size` bytes, least significant first; a str is a
 (-1 for null) then that many bytes. This is pg_backup_archiver.c / pg_backup_custom.c, stable
 for archive versions 1.12 to 1.16 (pg_dump 11 to 17).
 
-The fingerprint of a table is its row count and the sum, modulo 2**128, of the first 16 bytes
-of SHA-256 of every COPY text line (without its newline): order-independent, so a restored
-table that returns its rows in another order still matches. `LineSummer` is shared with the
+pg_dump writes one chunk per row (each COPY data message the server sends), so most of the
+work is per row. The common case goes through C: one `re.split` of a buffer at the row ends
+(newline, sign byte 0, four length bytes) gives the rows and their chunks' lengths, and the
+lengths are checked against the rows before any row is counted. Whatever does not fit that
+shape (the terminator, a chunk that is not one whole row, a row longer than a buffer) takes
+the byte-exact walk, so the result never depends on which path read a row.
+
+The fingerprint of a table is its row count and the sum, modulo 2**128, of a 128-bit hash of
+every COPY text line (without its newline): order-independent, so a restored table that
+returns its rows in another order still matches. The hash is XXH3-128 (`XXH3_128`); backups
+made before 2026-12-02 used the first 16 bytes of SHA-256 (`SHA256_128`), which hashed about a
+million rows a second in Python against five with XXH3. `LineSummer` is shared with the
 engine, which computes the same thing from `COPY ... TO STDOUT` on a restored database.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import struct
+from bisect import bisect_right
+from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import accumulate, repeat
+from operator import add, itemgetter, methodcaller, ne
+from typing import Literal
 
 import structlog
+import xxhash
 
 from drbot.engines.base import Fingerprint, TableFingerprint
 
@@ -43,19 +59,64 @@ _BLK_DATA = 1
 _BLK_BLOBS = 3
 _MIN_VERSION = (1, 12)
 _MAX_VERSION = (1, 16)
+_CHUNK_HEAD = 5  # sign byte and four length bytes (int_size 4, as every pg_dump writes)
+_NEWLINE = 0x0A
+_TERMINATOR = b"\\."
+# A row's newline, then the next chunk's header: sign byte 0 and four length bytes, any value
+# (a length can hold a newline byte, so splitting at newlines alone would cut headers).
+_ROW_END = re.compile(rb"\n\x00([\x00-\xff]{4})")
+_FAST_MAX_ROW = 1 << 20  # a longer unfinished row is walked, not split again on every read
 _COPY_COLUMNS = re.compile(rb"^COPY .*? \((?P<cols>.*)\) FROM stdin;\s*$", re.DOTALL)
 
 
+XXH3_128 = "xxh3-128"
+"""Row checksum of current backups: XXH3 128-bit (seed 0) of each line, as its integer value."""
+SHA256_128 = ""
+"""Row checksum of backups made before 2026-12-02 (their manifests name none): the first 16
+bytes of SHA-256 of each line, read big-endian."""
+
+_DIGEST = methodcaller("digest")
+_FIRST_16 = itemgetter(slice(16))
+_BIG: Literal["big"] = "big"
+_LITTLE: Literal["little"] = "little"
+
+
+def _sum_xxh3(lines: list[bytes]) -> int:
+    return sum(map(xxhash.xxh3_128_intdigest, lines))
+
+
+def _sum_sha256(lines: list[bytes]) -> int:
+    # Chained maps, no Python code per line.
+    digests = map(_FIRST_16, map(_DIGEST, map(hashlib.sha256, lines)))
+    return sum(map(int.from_bytes, digests, repeat(_BIG)))
+
+
+_SUMS: dict[str, Callable[[list[bytes]], int]] = {XXH3_128: _sum_xxh3, SHA256_128: _sum_sha256}
+
+
 class LineSummer:
-    """Row count and order-independent checksum of COPY text, fed in arbitrary pieces."""
+    """Row count and order-independent checksum of COPY text, fed in arbitrary pieces.
 
-    __slots__ = ("_done", "_partial", "rows", "total")
+    `alg` names the row checksum (`XXH3_128` or `SHA256_128`); any other raises `ValueError`.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_done", "_partial", "_sum", "alg", "rows", "total")
+
+    def __init__(self, alg: str = XXH3_128) -> None:
+        try:
+            self._sum = _SUMS[alg]
+        except KeyError:
+            raise ValueError(f"unknown row checksum {alg!r}") from None
+        self.alg = alg
         self._partial = b""
         self._done = False
         self.rows = 0
         self.total = 0
+
+    @property
+    def at_line_start(self) -> bool:
+        """True when no partial line is pending and the terminator has not been seen."""
+        return not self._partial and not self._done
 
     def feed(self, data: bytes) -> None:
         if self._done or not data:
@@ -71,23 +132,26 @@ class LineSummer:
         else:
             del lines[end:]
             self._done = True
-        sha = hashlib.sha256
-        from_bytes = int.from_bytes
-        # One comprehension, not a loop with +=: this runs once per row of every table.
-        self.total = (
-            self.total + sum([from_bytes(sha(line).digest()[:16]) for line in lines])
-        ) & _MASK
+        self._add(lines)
+
+    def add_lines(self, lines: list[bytes]) -> None:
+        """Whole rows without their newlines, none of them the terminator; only when
+        `at_line_start`."""
+        assert self.at_line_start
+        self._add(lines)
+
+    def _add(self, lines: list[bytes]) -> None:
+        self.total = (self.total + self._sum(lines)) & _MASK
         self.rows += len(lines)
 
     def result(self, columns: str) -> TableFingerprint:
         if self._partial and not self._done:
             # A final row without a newline (not produced by PostgreSQL, but well defined).
-            self.total = (
-                self.total + int.from_bytes(hashlib.sha256(self._partial).digest()[:16], "big")
-            ) & _MASK
-            self.rows += 1
+            self._add([self._partial])
             self._partial = b""
-        return TableFingerprint(rows=self.rows, checksum=f"{self.total:032x}", columns=columns)
+        return TableFingerprint(
+            rows=self.rows, checksum=f"{self.total:032x}", columns=columns, alg=self.alg
+        )
 
 
 @dataclass
@@ -154,6 +218,7 @@ class ArchiveFingerprinter:
         self._block: tuple[int, int] | None = None
         self._lo_needs_oid = False
         self._chunk_left = 0
+        self._fast = False  # whether `_whole_rows` may read the current data block
 
     # -- public ---------------------------------------------------------------------
 
@@ -295,17 +360,76 @@ class ArchiveFingerprinter:
             del buf[:pos]
 
     def _data_chunks(self, buf: bytearray) -> int:
-        """Consume a table data block's chunks from `buf`; returns how many bytes were used.
+        """Consume a table data block's chunks from `buf`; returns how many bytes were used."""
+        pos = 0
+        while True:
+            if self._fast and not self._chunk_left:
+                used, wait = self._whole_rows(buf, pos)
+                pos += used
+                if wait:
+                    return pos
+            used, at_row = self._walk(buf, pos)
+            pos += used
+            if not at_row:
+                return pos
 
-        pg_dump writes one chunk per row, so this loop runs once per row of every table: it
-        only slices, and the payloads reach the table's summer in one piece per call.
+    def _whole_rows(self, buf: bytearray, pos: int) -> tuple[int, bool]:
+        """Take the whole one-row chunks from `pos` (a chunk's start) through C calls.
+
+        Returns the bytes used and whether to wait for more input: True when all that is left
+        is the start of one more chunk (short enough to read again), False when `_walk` must
+        take the next chunk (the terminator, the block's end, a long row, or another shape of
+        chunk, after which this block is walked chunk by chunk).
+        """
+        summer = self._sums.get(self._block[1]) if self._block is not None else None
+        if summer is not None and not summer.at_line_start:
+            return 0, False
+        if len(buf) - pos < _CHUNK_HEAD:
+            return 0, True
+        if buf[pos]:
+            return 0, False  # a negative length: `_walk` reports it
+        with memoryview(buf) as view:
+            first = int.from_bytes(view[pos + 1 : pos + _CHUNK_HEAD], "little")
+            parts = _ROW_END.split(bytes(view[pos + _CHUNK_HEAD :]))
+        rows = parts[0::2]  # the last one is cut by the end of the buffer
+        sizes = list(map(len, rows))
+        whole = len(rows) - 1
+        lengths = [first, *map(int.from_bytes, parts[1::2], repeat(_LITTLE))]
+        wrong = list(map(ne, lengths, map(add, sizes, repeat(1))))
+        stop = whole
+        with contextlib.suppress(ValueError):
+            stop = wrong.index(True, 0, whole)
+        newline = b"".join(rows[:stop]).find(b"\n")
+        if newline >= 0:  # a chunk holding more than one line: the terminator's, or not pg_dump's
+            stop = bisect_right(list(accumulate(sizes[:stop])), newline)
+        with contextlib.suppress(ValueError):
+            stop = rows.index(_TERMINATOR, 0, stop)
+        if stop < whole and not rows[stop].startswith(_TERMINATOR):
+            # Not pg_dump's shape: walk the rest of this block rather than split it again at
+            # every chunk.
+            self._fast = False
+        taken = rows[:stop]
+        if summer is not None and taken:
+            summer.add_lines(taken)
+        used = sum(sizes[:stop]) + (_CHUNK_HEAD + 1) * stop
+        # Wait only for the rest of a short chunk; a whole one (the block's last) is walked.
+        wait = stop == whole and sizes[stop] < lengths[stop] <= _FAST_MAX_ROW
+        return used, wait
+
+    def _walk(self, buf: bytearray, start: int) -> tuple[int, bool]:
+        """Walk chunks one by one from `start`, with the payloads reaching the table's summer.
+
+        Returns the bytes used and whether it stopped at the start of a chunk right after a
+        row's end, where `_whole_rows` can take over again. Otherwise it stops at the end of
+        the buffer or of the block.
         """
         size = len(buf)
         marker = 1 + self._int_size
         view = memoryview(buf)
         pending: list[memoryview] = []
-        pos = 0
+        pos = start
         left = self._chunk_left
+        at_row = False
         from_bytes = int.from_bytes
         try:
             while True:
@@ -319,6 +443,9 @@ class ArchiveFingerprinter:
                     pending.append(view[pos:end])
                     pos = end
                     left = 0
+                    if self._fast and buf[end - 1] == _NEWLINE:
+                        at_row = True
+                        break
                 if pos + marker > size:
                     break
                 if buf[pos]:
@@ -334,7 +461,7 @@ class ArchiveFingerprinter:
             pending.clear()
             view.release()
         self._chunk_left = left
-        return pos
+        return pos - start, at_row
 
     def _flush(self, pending: list[memoryview]) -> None:
         """Give the current table's collected payload bytes to its summer."""
@@ -357,6 +484,7 @@ class ArchiveFingerprinter:
             self._lo_needs_oid = kind == _BLK_BLOBS
             if kind == _BLK_DATA and dump_id in self._entries:
                 self._sums[dump_id] = LineSummer()
+            self._fast = self._int_size == 4
             return
         if self._lo_needs_oid:
             if cur.int() == 0:

@@ -29,7 +29,7 @@ from drbot.engines.postgres.basebackup import TarScanner
 from drbot.engines.postgres.localserver import find_bin_dir
 from drbot.engines.postgres.replication import ReplicationConnection
 from drbot.engines.postgres.wal import parse_lsn
-from drbot.errors import DatabaseError, SourceUnavailable
+from drbot.errors import DatabaseError, IntegrityFailure, SourceUnavailable
 from drbot.log import redact_text
 
 log = structlog.get_logger(__name__)
@@ -709,7 +709,12 @@ def fingerprint_tables(
             target = sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(table))
             # The column list is pg_dump's own (quoted) text from an authenticated manifest.
             columns = sql.SQL(f" ({exp.columns})" if exp.columns else "")
-            summer = LineSummer()
+            try:
+                summer = LineSummer(exp.alg)
+            except ValueError as exc:
+                raise IntegrityFailure(
+                    f"the manifest's fingerprint of {name}: {exc} (written by a newer drbot?)"
+                ) from None
             with conn.cursor().copy(sql.SQL("COPY {}{} TO STDOUT").format(target, columns)) as copy:
                 # COPY yields one row at a time; hashing works per row either way, but the
                 # summer's per-call overhead is paid once per ~1 MiB instead of once per row.
