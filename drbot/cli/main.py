@@ -14,7 +14,7 @@ import structlog
 from drbot import __version__
 from drbot.errors import DrbotError
 from drbot.log import redact_text
-from drbot.memory import fix_mmap_threshold
+from drbot.memory import tune_malloc
 from drbot.procs import DIE_WITH_ENV, die_with
 
 log = structlog.get_logger(__name__)
@@ -93,7 +93,7 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI and exit with drbot's documented exit codes."""
-    fix_mmap_threshold()
+    tune_malloc()
     signal.signal(signal.SIGTERM, _terminate)
     # SIGINT interrupts and cleans up even when drbot was started with it ignored (a script's
     # background job inherits SIGINT ignored, and Python then keeps it so): the daemon and

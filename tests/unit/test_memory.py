@@ -1,4 +1,4 @@
-"""Freed large buffers go back to the system (glibc's dynamic mmap threshold is fixed)."""
+"""glibc's thresholds: freed large buffers go back to the system, 1 MiB chunks reuse pages."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ pytestmark = pytest.mark.unit
 
 _PROGRAM = """
 import sys
-from drbot.memory import fix_mmap_threshold
-if sys.argv[1] == "fixed" and not fix_mmap_threshold():
+from drbot.memory import tune_malloc
+if sys.argv[1] == "fixed" and not tune_malloc():
     print("no-glibc")
     raise SystemExit
 def rss():
@@ -47,3 +47,37 @@ def test_large_freed_buffers_leave_the_resident_set() -> None:
     assert int(fixed) >= 100  # 120 MiB of parts freed, nearly all of it returned
     # Without the fix the same program keeps them resident: the test can tell the difference.
     assert int(_returned_mib("default")) < 20
+
+
+_CHURN = """
+import ctypes, resource, sys
+from drbot.memory import MMAP_THRESHOLD, tune_malloc
+if sys.argv[1] == "fixed":
+    if not tune_malloc():
+        print("no-glibc")
+        raise SystemExit
+else:  # the mmap threshold alone, as drbot set it before
+    ctypes.CDLL(None).mallopt(-3, MMAP_THRESHOLD)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(300):  # 1 MiB chunks read, used and freed, as a backup's pipeline does
+    b = bytearray(1 << 20)
+    b[::4096] = b"x" * len(b[::4096])
+    del b
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _faults(mode: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-c", _CHURN, mode], capture_output=True, text=True, check=True
+    )
+    return out.stdout.strip()
+
+
+def test_freed_chunks_keep_their_pages() -> None:
+    fixed = _faults("fixed")
+    if fixed == "no-glibc":
+        pytest.skip("malloc is not glibc's")
+    mmap_only = int(_faults("mmap-only"))
+    assert mmap_only > 300 * 200  # each chunk faulted in again: the test can tell
+    assert int(fixed) < mmap_only // 20
