@@ -18,6 +18,7 @@ import pytest
 from psycopg import sql
 
 from drbot.engines.base import Fingerprint, compare_fingerprints
+from drbot.engines.postgres import engine as pg_engine
 from drbot.engines.postgres.archive import SHA256_128, XXH3_128, ArchiveFingerprinter
 from drbot.engines.postgres.engine import PostgresEngine
 from drbot.engines.postgres.localserver import LocalPostgres, free_port
@@ -253,6 +254,57 @@ def test_unknown_checksum_is_integrity_failure(dumped: Dumped) -> None:
     future = Fingerprint(tables={"public.big": dataclasses.replace(table, alg="blake9")})
     with pytest.raises(IntegrityFailure, match="unknown row checksum 'blake9'"):
         dumped.engine.fingerprint_target(dumped.source_uri, future)
+
+
+WEIRD_SQL = r"""
+CREATE SCHEMA "my.schema";
+CREATE TABLE "my.schema"."we""ird.*?$[x]" (id integer, "Quo""ted" text);
+INSERT INTO "my.schema"."we""ird.*?$[x]" VALUES (1, 'a'), (2, NULL);
+CREATE TABLE public."UPPER case" (id integer);
+INSERT INTO public."UPPER case" SELECT generate_series(1, 7);
+CREATE TABLE public."upper case" (id integer);
+INSERT INTO public."upper case" VALUES (1);
+CREATE TABLE public.weXird (id integer);
+"""
+
+
+def test_names_that_are_patterns_to_pg_dump(pg_server: LocalPostgres) -> None:
+    # The target is read through pg_dump --table: every name must match itself only.
+    db = f"w_{uuid.uuid4().hex[:10]}"
+    uri = pg_server.create_database(db)
+    pg_server.execute(db, WEIRD_SQL)
+    engine = PostgresEngine(pg_server.uri(), [db])
+    archive = engine.full_dumps()[1]
+    for _ in archive.chunks():
+        pass
+    expected = archive.fingerprint()
+    assert expected is not None
+    assert expected.tables['my.schema.we"ird.*?$[x]'].rows == 2
+    assert expected.tables["public.UPPER case"].rows == 7
+    assert engine.fingerprint_target(uri, expected) == expected
+    only_upper = Fingerprint(tables={"public.UPPER case": expected.tables["public.UPPER case"]})
+    assert engine.fingerprint_target(uri, only_upper) == only_upper
+
+
+def test_many_tables_read_from_a_whole_dump(
+    dumped: Dumped, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Past MAX_TABLE_ARGS the whole database's data is dumped; tables not asked for are dropped.
+    monkeypatch.setattr(pg_engine, "MAX_TABLE_ARGS", 1)
+    again = dumped.engine.fingerprint_target(dumped.source_uri, dumped.fingerprint)
+    assert again == dumped.fingerprint
+    some = Fingerprint(tables={"public.big": dumped.fingerprint.tables["public.big"]})
+    assert dumped.engine.fingerprint_target(dumped.source_uri, some) == some
+
+
+def test_tables_missing_from_the_target_are_left_out(dumped: Dumped) -> None:
+    extra = dataclasses.replace(dumped.fingerprint.tables["public.big"], rows=1)
+    asked = Fingerprint(tables={**dumped.fingerprint.tables, "public.gone": extra})
+    again = dumped.engine.fingerprint_target(dumped.source_uri, asked)
+    assert again == dumped.fingerprint
+    assert [m.problem for m in compare_fingerprints(asked, again)] == ["missing"]
+    nothing = Fingerprint(tables={"public.gone": extra})
+    assert dumped.engine.fingerprint_target(dumped.source_uri, nothing) == Fingerprint()
 
 
 def test_restore_round_trip(dumped: Dumped, pg_server: LocalPostgres) -> None:

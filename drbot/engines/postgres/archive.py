@@ -200,13 +200,18 @@ class _Cursor:
 class ArchiveFingerprinter:
     """Feed it the archive bytes in order; `result()` gives per-table fingerprints.
 
+    `alg` is the row checksum (`XXH3_128`, or `SHA256_128` to check a backup made before
+    2026-12-02); an unknown one raises `ValueError`.
+
     Never raises on archives it does not understand (another format version, compressed
     data, garbage): it stops looking, logs `pg.fingerprint_unavailable` once, and `result()`
     returns None. A backup must never fail because its fingerprint could not be computed.
     """
 
-    def __init__(self, artifact: str = "") -> None:
+    def __init__(self, artifact: str = "", alg: str = XXH3_128) -> None:
+        LineSummer(alg)  # an unknown checksum raises ValueError here, not mid-stream
         self._artifact = artifact
+        self._alg = alg
         self._buf = bytearray()
         self._next_attempt = 0
         self._failed: str | None = None
@@ -483,7 +488,7 @@ class ArchiveFingerprinter:
             self._block = (kind, dump_id)
             self._lo_needs_oid = kind == _BLK_BLOBS
             if kind == _BLK_DATA and dump_id in self._entries:
-                self._sums[dump_id] = LineSummer()
+                self._sums[dump_id] = LineSummer(self._alg)
             self._fast = self._int_size == 4
             return
         if self._lo_needs_oid:

@@ -2,8 +2,8 @@
 
 Passwords never reach a command line or a log: the URI is split with libpq's own parser, the
 password travels to child programs in PGPASSWORD, and messages name only host:port/db.
-Child programs run with PGTZ=UTC and PGCLIENTENCODING=UTF8 so the COPY text they produce is
-the text `fingerprint_target` reproduces on a restored database.
+Child programs run with PGTZ=UTC and PGCLIENTENCODING=UTF8; `fingerprint_target` reads a
+restored database through pg_dump too, so its COPY text is made exactly as the backup's was.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import structlog
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from drbot.engines.base import DumpStream, Engine, Fingerprint, SourceInfo, TableFingerprint
-from drbot.engines.postgres.archive import ArchiveFingerprinter, LineSummer
+from drbot.engines.base import DumpStream, Engine, Fingerprint, SourceInfo
+from drbot.engines.postgres.archive import XXH3_128, ArchiveFingerprinter
 from drbot.engines.postgres.basebackup import TarScanner
 from drbot.engines.postgres.localserver import find_bin_dir
 from drbot.engines.postgres.replication import ReplicationConnection
@@ -36,6 +36,9 @@ log = structlog.get_logger(__name__)
 
 READ_BYTES = 1 << 20
 CONNECT_TIMEOUT_S = 10
+# More tables than this are verified from a dump of the whole database's data (the extra
+# tables then ignored) rather than named one by one on pg_dump's command line.
+MAX_TABLE_ARGS = 2000
 _STDERR_KEEP = 64 * 1024
 _CONNECT_MARKERS = (
     "could not connect",
@@ -48,13 +51,6 @@ _CONNECT_MARKERS = (
     "is the server running",
 )
 # The session settings pg_dump uses for COPY output (pg_dump.c setup_connection).
-_DUMP_SESSION = (
-    "SET DateStyle = ISO",
-    "SET IntervalStyle = postgres",
-    "SET extra_float_digits = 3",
-    "SET TimeZone = 'UTC'",
-    "SET client_encoding = 'UTF8'",
-)
 _SYSTEM_SCHEMAS = "('pg_catalog', 'information_schema', 'pg_toast')"
 
 # Whether a database holds anything a restore could collide with (extension members aside).
@@ -647,14 +643,79 @@ class PostgresEngine:
         _restore_from(argv, chunks, target.env(), target.where())
 
     def fingerprint_target(self, target_uri: str, expected: Fingerprint) -> Fingerprint:
+        """Fingerprint every table named in `expected` that exists in the target.
+
+        The target's data goes through pg_dump, as the backup's did, into the same
+        `ArchiveFingerprinter`: the same session settings, the same COPY text, one snapshot,
+        and the per-row work in C calls rather than one Python step per row (psycopg's COPY
+        yields rows one at a time).
+        """
         target = _Conn(target_uri)
+        algs = {t.alg for t in expected.tables.values()}
+        alg = algs.pop() if len(algs) == 1 else XXH3_128
+        try:
+            if algs:
+                raise ValueError(f"mixed row checksums {sorted({alg, *algs})}")
+            observer = ArchiveFingerprinter("fingerprint", alg)
+        except ValueError as exc:
+            raise IntegrityFailure(
+                f"the manifest's fingerprint: {exc} (written by a newer drbot?)"
+            ) from None
+        present = self._present_tables(target, expected)
+        if not present:
+            return Fingerprint(tables={})
+        argv = [
+            self._tool("pg_dump"),
+            "--data-only",
+            "--format=custom",
+            "--compress=0",
+            "--no-password",
+        ]
+        if len(present) <= MAX_TABLE_ARGS:
+            argv += [f"--table={_exact_pattern(schema, table)}" for schema, table in present]
+        argv += ["--dbname", target.conninfo()]
+        dump = _ProgramDump(
+            name="fingerprint",
+            kind="pg_dump",
+            database=target.dbname,
+            argv=argv,
+            env=target.env(),
+            where=target.where(),
+            observer=observer,
+        )
+        for _ in dump.chunks():
+            pass
+        found = dump.fingerprint()
+        if found is None:
+            raise DatabaseError(
+                f"fingerprinting {target.where()} failed: pg_dump's output could not be read "
+                "(see the pg.fingerprint_unavailable warning)"
+            )
+        names = {f"{schema}.{table}" for schema, table in present}
+        return Fingerprint(tables={n: t for n, t in found.tables.items() if n in names})
+
+    def _present_tables(self, target: _Conn, expected: Fingerprint) -> list[tuple[str, str]]:
+        """(schema, table) of the names in `expected` that are tables in the target."""
+        wanted = sorted(expected.tables)
         with target.connect() as conn:
             try:
-                return fingerprint_tables(conn, expected)
+                rows = conn.execute(
+                    "SELECT n.nspname, c.relname FROM pg_class c "
+                    "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "WHERE c.relkind IN ('r', 'p') AND n.nspname || '.' || c.relname = ANY(%s)",
+                    (wanted,),
+                ).fetchall()
             except psycopg.Error as exc:
                 raise DatabaseError(
                     f"fingerprinting {target.where()} failed: {_first_line(exc)}"
                 ) from None
+        return sorted((str(r[0]), str(r[1])) for r in rows)
+
+
+def _exact_pattern(schema: str, table: str) -> str:
+    """pg_dump's --table pattern for exactly `schema`.`table`: in double quotes every
+    character is literal, and a double quote is written twice."""
+    return '"{}"."{}"'.format(schema.replace('"', '""'), table.replace('"', '""'))
 
 
 def _restore_from(
@@ -686,50 +747,6 @@ def _restore_from(
     stderr = errors.text()
     if rc != 0 or broken:
         raise _tool_error("pg_restore", where, rc, stderr)
-
-
-def fingerprint_tables(
-    conn: psycopg.Connection[tuple[object, ...]], expected: Fingerprint
-) -> Fingerprint:
-    """Fingerprint, through `conn`, every table named in `expected` that exists."""
-    tables: dict[str, TableFingerprint] = {}
-    with conn.transaction():
-        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        for statement in _DUMP_SESSION:
-            conn.execute(statement)
-        for name, exp in sorted(expected.tables.items()):
-            schema, _, table = name.partition(".")
-            found = conn.execute(
-                "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                "WHERE n.nspname = %s AND c.relname = %s",
-                (schema, table),
-            ).fetchone()
-            if found is None:
-                continue
-            target = sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(table))
-            # The column list is pg_dump's own (quoted) text from an authenticated manifest.
-            columns = sql.SQL(f" ({exp.columns})" if exp.columns else "")
-            try:
-                summer = LineSummer(exp.alg)
-            except ValueError as exc:
-                raise IntegrityFailure(
-                    f"the manifest's fingerprint of {name}: {exc} (written by a newer drbot?)"
-                ) from None
-            with conn.cursor().copy(sql.SQL("COPY {}{} TO STDOUT").format(target, columns)) as copy:
-                # COPY yields one row at a time; hashing works per row either way, but the
-                # summer's per-call overhead is paid once per ~1 MiB instead of once per row.
-                batch: list[bytes] = []
-                size = 0
-                for data in copy:
-                    batch.append(bytes(data))
-                    size += len(data)
-                    if size >= READ_BYTES:
-                        summer.feed(b"".join(batch))
-                        batch.clear()
-                        size = 0
-                summer.feed(b"".join(batch))
-            tables[name] = summer.result(exp.columns)
-    return Fingerprint(tables=tables)
 
 
 _: type[Engine] = PostgresEngine
