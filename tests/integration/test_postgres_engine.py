@@ -226,7 +226,27 @@ def _sha256_sums(uri: str, tables: dict[str, str]) -> dict[str, tuple[int, str]]
     return out
 
 
-def test_backups_before_xxh3_are_checked_with_sha256(dumped: Dumped) -> None:
+@pytest.fixture(params=["pg_dump", "copy"])
+def read_by(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test both ways a target is read: pg_dump, and COPY for a server newer than it."""
+    if request.param == "copy":
+        monkeypatch.setattr(PostgresEngine, "_pg_dump_major", lambda self: 9)
+    return str(request.param)
+
+
+def test_both_ways_of_reading_a_target_agree(dumped: Dumped, read_by: str) -> None:
+    again = dumped.engine.fingerprint_target(dumped.source_uri, dumped.fingerprint)
+    assert again == dumped.fingerprint
+
+
+def test_pg_dump_major_version(dumped: Dumped) -> None:
+    with psycopg.connect(dumped.source_uri) as conn:
+        server_major = conn.info.server_version // 10000
+    # The tests' pg_dump and server come from the same installation.
+    assert dumped.engine._pg_dump_major() == server_major
+
+
+def test_backups_before_xxh3_are_checked_with_sha256(dumped: Dumped, read_by: str) -> None:
     # A manifest written before 2026-12-02 names no checksum: its rows were summed with SHA-256.
     names = ["public.types", "public.Order Items", "public.big", "public.empty_table"]
     by_hand = _sha256_sums(

@@ -30,8 +30,9 @@ The fingerprint of a table is its row count and the sum, modulo 2**128, of a 128
 every COPY text line (without its newline): order-independent, so a restored table that
 returns its rows in another order still matches. The hash is XXH3-128 (`XXH3_128`); backups
 made before 2026-12-02 used the first 16 bytes of SHA-256 (`SHA256_128`), which hashed about a
-million rows a second in Python against five with XXH3. `LineSummer` is shared with the
-engine, which computes the same thing from `COPY ... TO STDOUT` on a restored database.
+million rows a second in Python against five with XXH3. A restored database is checked by
+reading pg_dump's output of it through this same module (or, when its server is newer than
+the local pg_dump, `COPY ... TO STDOUT` through `LineSummer`).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ _TERMINATOR = b"\\."
 # (a length can hold a newline byte, so splitting at newlines alone would cut headers).
 _ROW_END = re.compile(rb"\n\x00([\x00-\xff]{4})")
 _FAST_MAX_ROW = 1 << 20  # a longer unfinished row is walked, not split again on every read
+_FIRST_WINDOW = 512
 _COPY_COLUMNS = re.compile(rb"^COPY .*? \((?P<cols>.*)\) FROM stdin;\s*$", re.DOTALL)
 
 
@@ -224,6 +226,7 @@ class ArchiveFingerprinter:
         self._lo_needs_oid = False
         self._chunk_left = 0
         self._fast = False  # whether `_whole_rows` may read the current data block
+        self._window = _FIRST_WINDOW  # how far past a chunk's start `_whole_rows` splits
 
     # -- public ---------------------------------------------------------------------
 
@@ -385,41 +388,53 @@ class ArchiveFingerprinter:
         is the start of one more chunk (short enough to read again), False when `_walk` must
         take the next chunk (the terminator, the block's end, a long row, or another shape of
         chunk, after which this block is walked chunk by chunk).
+
+        Each split covers a window that starts small and doubles while rows fill it: a read
+        can hold thousands of tiny tables, and splitting the rest of the buffer at each one's
+        start would be quadratic.
         """
         summer = self._sums.get(self._block[1]) if self._block is not None else None
         if summer is not None and not summer.at_line_start:
             return 0, False
-        if len(buf) - pos < _CHUNK_HEAD:
-            return 0, True
-        if buf[pos]:
-            return 0, False  # a negative length: `_walk` reports it
-        with memoryview(buf) as view:
-            first = int.from_bytes(view[pos + 1 : pos + _CHUNK_HEAD], "little")
-            parts = _ROW_END.split(bytes(view[pos + _CHUNK_HEAD :]))
-        rows = parts[0::2]  # the last one is cut by the end of the buffer
-        sizes = list(map(len, rows))
-        whole = len(rows) - 1
-        lengths = [first, *map(int.from_bytes, parts[1::2], repeat(_LITTLE))]
-        wrong = list(map(ne, lengths, map(add, sizes, repeat(1))))
-        stop = whole
-        with contextlib.suppress(ValueError):
-            stop = wrong.index(True, 0, whole)
-        newline = b"".join(rows[:stop]).find(b"\n")
-        if newline >= 0:  # a chunk holding more than one line: the terminator's, or not pg_dump's
-            stop = bisect_right(list(accumulate(sizes[:stop])), newline)
-        with contextlib.suppress(ValueError):
-            stop = rows.index(_TERMINATOR, 0, stop)
-        if stop < whole and not rows[stop].startswith(_TERMINATOR):
-            # Not pg_dump's shape: walk the rest of this block rather than split it again at
-            # every chunk.
-            self._fast = False
-        taken = rows[:stop]
-        if summer is not None and taken:
-            summer.add_lines(taken)
-        used = sum(sizes[:stop]) + (_CHUNK_HEAD + 1) * stop
-        # Wait only for the rest of a short chunk; a whole one (the block's last) is walked.
-        wait = stop == whole and sizes[stop] < lengths[stop] <= _FAST_MAX_ROW
-        return used, wait
+        start = pos
+        size = len(buf)
+        while True:
+            if size - pos < _CHUNK_HEAD:
+                return pos - start, True
+            if buf[pos]:
+                return pos - start, False  # a negative length: `_walk` reports it
+            end = min(size, pos + _CHUNK_HEAD + self._window)
+            with memoryview(buf) as view:
+                first = int.from_bytes(view[pos + 1 : pos + _CHUNK_HEAD], "little")
+                parts = _ROW_END.split(bytes(view[pos + _CHUNK_HEAD : end]))
+            rows = parts[0::2]  # the last one is cut by the end of the window
+            sizes = list(map(len, rows))
+            whole = len(rows) - 1
+            lengths = [first, *map(int.from_bytes, parts[1::2], repeat(_LITTLE))]
+            wrong = list(map(ne, lengths, map(add, sizes, repeat(1))))
+            stop = whole
+            with contextlib.suppress(ValueError):
+                stop = wrong.index(True, 0, whole)
+            newline = b"".join(rows[:stop]).find(b"\n")
+            if newline >= 0:  # a chunk of more than one line: the terminator's, or not pg_dump's
+                stop = bisect_right(list(accumulate(sizes[:stop])), newline)
+            with contextlib.suppress(ValueError):
+                stop = rows.index(_TERMINATOR, 0, stop)
+            if stop < whole and not rows[stop].startswith(_TERMINATOR):
+                # Not pg_dump's shape: walk the rest of this block rather than split it again
+                # at every chunk.
+                self._fast = False
+            taken = rows[:stop]
+            if summer is not None and taken:
+                summer.add_lines(taken)
+            pos += sum(sizes[:stop]) + (_CHUNK_HEAD + 1) * stop
+            if stop < whole:
+                return pos - start, False
+            if end == size:
+                # Wait only for the rest of a short chunk; a whole one (the block's last) is
+                # walked.
+                return pos - start, sizes[stop] < lengths[stop] <= _FAST_MAX_ROW
+            self._window *= 2  # rows reached the window's end: look further next time
 
     def _walk(self, buf: bytearray, start: int) -> tuple[int, bool]:
         """Walk chunks one by one from `start`, with the payloads reaching the table's summer.
@@ -490,6 +505,7 @@ class ArchiveFingerprinter:
             if kind == _BLK_DATA and dump_id in self._entries:
                 self._sums[dump_id] = LineSummer(self._alg)
             self._fast = self._int_size == 4
+            self._window = _FIRST_WINDOW
             return
         if self._lo_needs_oid:
             if cur.int() == 0:

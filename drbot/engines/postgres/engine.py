@@ -12,6 +12,7 @@ import collections
 import contextlib
 import fcntl
 import os
+import re
 import subprocess
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -23,8 +24,8 @@ import structlog
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from drbot.engines.base import DumpStream, Engine, Fingerprint, SourceInfo
-from drbot.engines.postgres.archive import XXH3_128, ArchiveFingerprinter
+from drbot.engines.base import DumpStream, Engine, Fingerprint, SourceInfo, TableFingerprint
+from drbot.engines.postgres.archive import XXH3_128, ArchiveFingerprinter, LineSummer
 from drbot.engines.postgres.basebackup import TarScanner
 from drbot.engines.postgres.localserver import find_bin_dir
 from drbot.engines.postgres.replication import ReplicationConnection
@@ -51,6 +52,13 @@ _CONNECT_MARKERS = (
     "is the server running",
 )
 # The session settings pg_dump uses for COPY output (pg_dump.c setup_connection).
+_DUMP_SESSION = (
+    "SET DateStyle = ISO",
+    "SET IntervalStyle = postgres",
+    "SET extra_float_digits = 3",
+    "SET TimeZone = 'UTC'",
+    "SET client_encoding = 'UTF8'",
+)
 _SYSTEM_SCHEMAS = "('pg_catalog', 'information_schema', 'pg_toast')"
 
 # Whether a database holds anything a restore could collide with (extension members aside).
@@ -373,6 +381,7 @@ class PostgresEngine:
         self._conn = _Conn(uri)
         self._databases = list(databases) if databases else None
         self._bin_dir = bin_dir
+        self._dump_major: int | None = None
         self.mode = mode
 
     def _tool(self, name: str) -> str:
@@ -648,20 +657,21 @@ class PostgresEngine:
         The target's data goes through pg_dump, as the backup's did, into the same
         `ArchiveFingerprinter`: the same session settings, the same COPY text, one snapshot,
         and the per-row work in C calls rather than one Python step per row (psycopg's COPY
-        yields rows one at a time).
+        yields rows one at a time). pg_dump refuses a server of a later major version than
+        itself, so such a target (a restore into an upgraded server) is read with COPY.
         """
         target = _Conn(target_uri)
-        algs = {t.alg for t in expected.tables.values()}
-        alg = algs.pop() if len(algs) == 1 else XXH3_128
-        try:
-            if algs:
-                raise ValueError(f"mixed row checksums {sorted({alg, *algs})}")
-            observer = ArchiveFingerprinter("fingerprint", alg)
-        except ValueError as exc:
-            raise IntegrityFailure(
-                f"the manifest's fingerprint: {exc} (written by a newer drbot?)"
-            ) from None
-        present = self._present_tables(target, expected)
+        alg = _row_checksum(expected)
+        with target.connect() as conn:
+            try:
+                present = _present_tables(conn, expected)
+                if present and conn.info.server_version // 10000 > self._pg_dump_major():
+                    log.info("pg.fingerprint_by_copy", where=target.where())
+                    return _copy_fingerprint(conn, present, expected, alg)
+            except psycopg.Error as exc:
+                raise DatabaseError(
+                    f"fingerprinting {target.where()} failed: {_first_line(exc)}"
+                ) from None
         if not present:
             return Fingerprint(tables={})
         argv = [
@@ -673,6 +683,8 @@ class PostgresEngine:
         ]
         if len(present) <= MAX_TABLE_ARGS:
             argv += [f"--table={_exact_pattern(schema, table)}" for schema, table in present]
+        else:
+            argv.append("--no-blobs")
         argv += ["--dbname", target.conninfo()]
         dump = _ProgramDump(
             name="fingerprint",
@@ -681,7 +693,7 @@ class PostgresEngine:
             argv=argv,
             env=target.env(),
             where=target.where(),
-            observer=observer,
+            observer=ArchiveFingerprinter("fingerprint", alg),
         )
         for _ in dump.chunks():
             pass
@@ -694,22 +706,83 @@ class PostgresEngine:
         names = {f"{schema}.{table}" for schema, table in present}
         return Fingerprint(tables={n: t for n, t in found.tables.items() if n in names})
 
-    def _present_tables(self, target: _Conn, expected: Fingerprint) -> list[tuple[str, str]]:
-        """(schema, table) of the names in `expected` that are tables in the target."""
-        wanted = sorted(expected.tables)
-        with target.connect() as conn:
+    def _pg_dump_major(self) -> int:
+        """The major version of the pg_dump drbot runs (`pg_dump (PostgreSQL) 15.18 ...`)."""
+        if self._dump_major is None:
+            tool = self._tool("pg_dump")
             try:
-                rows = conn.execute(
-                    "SELECT n.nspname, c.relname FROM pg_class c "
-                    "JOIN pg_namespace n ON n.oid = c.relnamespace "
-                    "WHERE c.relkind IN ('r', 'p') AND n.nspname || '.' || c.relname = ANY(%s)",
-                    (wanted,),
-                ).fetchall()
-            except psycopg.Error as exc:
-                raise DatabaseError(
-                    f"fingerprinting {target.where()} failed: {_first_line(exc)}"
-                ) from None
-        return sorted((str(r[0]), str(r[1])) for r in rows)
+                out = subprocess.run(
+                    [tool, "--version"], capture_output=True, text=True, check=True, timeout=30
+                ).stdout
+            except (OSError, subprocess.SubprocessError) as exc:
+                raise DatabaseError(f"cannot run {tool} --version: {exc}") from None
+            match = re.search(r"\)\s*(\d+)", out)
+            if match is None:
+                raise DatabaseError(f"{tool} --version printed no version: {out.strip()!r}")
+            self._dump_major = int(match.group(1))
+        return self._dump_major
+
+
+def _row_checksum(expected: Fingerprint) -> str:
+    """The one row checksum `expected` names; `IntegrityFailure` for an unknown or mixed one."""
+    algs = {t.alg for t in expected.tables.values()} or {XXH3_128}
+    try:
+        if len(algs) > 1:
+            raise ValueError(f"mixed row checksums {sorted(algs)}")
+        alg = algs.pop()
+        LineSummer(alg)
+    except ValueError as exc:
+        raise IntegrityFailure(
+            f"the manifest's fingerprint: {exc} (written by a newer drbot?)"
+        ) from None
+    return alg
+
+
+def _present_tables(
+    conn: psycopg.Connection[tuple[object, ...]], expected: Fingerprint
+) -> list[tuple[str, str]]:
+    """(schema, table) of the names in `expected` that are tables in the target."""
+    rows = conn.execute(
+        "SELECT n.nspname, c.relname FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relkind IN ('r', 'p') AND n.nspname || '.' || c.relname = ANY(%s)",
+        (sorted(expected.tables),),
+    ).fetchall()
+    return sorted((str(r[0]), str(r[1])) for r in rows)
+
+
+def _copy_fingerprint(
+    conn: psycopg.Connection[tuple[object, ...]],
+    present: list[tuple[str, str]],
+    expected: Fingerprint,
+    alg: str,
+) -> Fingerprint:
+    """The fingerprint through `COPY ... TO STDOUT`, in one snapshot with pg_dump's settings."""
+    tables: dict[str, TableFingerprint] = {}
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        for statement in _DUMP_SESSION:
+            conn.execute(statement)
+        for schema, table in present:
+            exp = expected.tables[f"{schema}.{table}"]
+            # The column list is pg_dump's own (quoted) text from an authenticated manifest.
+            columns = sql.SQL(f" ({exp.columns})" if exp.columns else "")
+            query = sql.SQL("COPY {}{} TO STDOUT").format(sql.Identifier(schema, table), columns)
+            summer = LineSummer(alg)
+            with conn.cursor().copy(query) as copy:
+                # COPY yields one row at a time; the summer is fed ~1 MiB at a time.
+                batch: list[bytes] = []
+                size = 0
+                for data in copy:
+                    batch.append(bytes(data))
+                    size += len(data)
+                    if size >= READ_BYTES:
+                        summer.feed(b"".join(batch))
+                        batch.clear()
+                        size = 0
+                summer.feed(b"".join(batch))
+            tables[f"{schema}.{table}"] = summer.result(exp.columns)
+    return Fingerprint(tables=tables)
 
 
 def _exact_pattern(schema: str, table: str) -> str:
