@@ -91,6 +91,17 @@ def _toc_entry(
     return out
 
 
+def _table_data(dump_id: int, namespace: str, tag: str, columns: str) -> bytes:
+    """A TABLE DATA entry of `namespace.tag`, whose COPY statement names `columns`."""
+    return _toc_entry(
+        dump_id,
+        tag=tag.encode(),
+        desc=b"TABLE DATA",
+        namespace=namespace.encode(),
+        copy_stmt=f"COPY {namespace}.{tag} ({columns}) FROM stdin;\n".encode(),
+    )
+
+
 def _data_block(dump_id: int, payload: bytes, chunk: int = 7) -> bytes:
     out = bytes([1]) + _int(dump_id)
     for i in range(0, len(payload), chunk):
@@ -316,15 +327,7 @@ def test_large_archive_fed_in_pieces() -> None:
     # (pg_dump's output arrives in 1 MiB reads; a row's chunk is often split between two).
     rows = [f"{i}\t{'x' * (i % 300)}\t\\N".encode() for i in range(3000)]
     copy = b"".join(r + b"\n" for r in rows) + b"\\.\n\n"
-    toc = [
-        _toc_entry(
-            5,
-            tag=b"orders",
-            desc=b"TABLE DATA",
-            namespace=b"public",
-            copy_stmt=b"COPY public.orders (id, t, n) FROM stdin;\n",
-        )
-    ]
+    toc = [_table_data(5, "public", "orders", "id, t, n")]
     data = _header() + _int(1) + b"".join(toc) + _data_block(5, copy, chunk=1000)
     assert len(data) > 256 * 1024
     expected = Fingerprint(
@@ -448,22 +451,7 @@ AWKWARD_LENGTHS = [0, 1, 9, 10, 255, 265, 2559, 2569, 65545]
 def _pg_archive(
     rows: list[bytes], *, other: list[bytes] | None = None, end: bytes = b"\\.\n\n\n"
 ) -> bytes:
-    toc = [
-        _toc_entry(
-            5,
-            tag=b"orders",
-            desc=b"TABLE DATA",
-            namespace=b"public",
-            copy_stmt=b"COPY public.orders (id, t) FROM stdin;\n",
-        ),
-        _toc_entry(
-            6,
-            tag=b"empty",
-            desc=b"TABLE DATA",
-            namespace=b"app",
-            copy_stmt=b"COPY app.empty (id) FROM stdin;\n",
-        ),
-    ]
+    toc = [_table_data(5, "public", "orders", "id, t"), _table_data(6, "app", "empty", "id")]
     head = _header() + _int(len(toc)) + b"".join(toc)
     return head + _row_block(5, rows, end) + _row_block(6, other or [], end)
 
@@ -623,16 +611,7 @@ def test_many_small_tables_in_one_read_are_not_split_again_each(
     splits = _CountingSplit()
     monkeypatch.setattr(archive, "_ROW_END", splits)
     tables = 2000
-    toc = [
-        _toc_entry(
-            10 + i,
-            tag=f"t{i}".encode(),
-            desc=b"TABLE DATA",
-            namespace=b"public",
-            copy_stmt=f"COPY public.t{i} (id) FROM stdin;\n".encode(),
-        )
-        for i in range(tables)
-    ]
+    toc = [_table_data(10 + i, "public", f"t{i}", "id") for i in range(tables)]
     data = _header() + _int(len(toc)) + b"".join(toc)
     data += b"".join(_row_block(10 + i, [str(i).encode()]) for i in range(tables))
     result = _fingerprint(data)
