@@ -23,7 +23,7 @@ from pathlib import Path
 
 import structlog
 
-from drbot.durable import WRITEBACK_EVERY, start_writeback, sync_dir
+from drbot.durable import Writeback, sync_dir
 from drbot.errors import ObjectNotFound, PreconditionFailed, StorageUnavailable
 from drbot.storage.base import ObjectInfo, PutResult, Storage
 
@@ -150,18 +150,12 @@ class LocalStorage:
         size = 0
         try:
             with os.fdopen(fd, "wb") as out:
-                unflushed = 0
+                writeback = Writeback(out.fileno(), out.flush)
                 for chunk in chunks:
                     out.write(chunk)
                     digest.update(chunk)
                     size += len(chunk)
-                    unflushed += len(chunk)
-                    if unflushed >= WRITEBACK_EVERY:
-                        # Hand what is written to the disk now, so the fsync below does not
-                        # wait for the whole object at once (as PostgreSQL's pg_flush_data).
-                        out.flush()
-                        start_writeback(out.fileno())
-                        unflushed = 0
+                    writeback.wrote(len(chunk))
                 out.flush()
                 os.fsync(out.fileno())
             tmp.replace(path)

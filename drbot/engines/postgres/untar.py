@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path, PurePosixPath
 
-from drbot.durable import WRITEBACK_EVERY, start_writeback
+from drbot.durable import Writeback
 from drbot.engines.postgres.basebackup import tar_number
 from drbot.errors import IntegrityFailure
 
@@ -42,7 +42,7 @@ class TarExtractor:
         self._left = 0  # content bytes of the current file still to write
         self._pad = 0  # padding after it
         self._mtime = 0
-        self._unflushed = 0  # bytes written to the current file since writeback was started
+        self._writeback = Writeback(-1)  # the current file's
         self._ended = False
         self._made: set[Path] = {root}
 
@@ -55,10 +55,7 @@ class TarExtractor:
                 while piece:
                     piece = piece[os.write(self._fd, piece) :]
                 self._left -= take
-                self._unflushed += take
-                if self._unflushed >= WRITEBACK_EVERY:
-                    start_writeback(self._fd)
-                    self._unflushed = 0
+                self._writeback.wrote(take)
                 view = view[take:]
                 if not self._left:
                     self._close_file()
@@ -117,6 +114,7 @@ class TarExtractor:
             )
         self._mkdir(path.parent, 0o700)
         self._fd = os.open(path, _OPEN_FLAGS, 0o600 | (mode & 0o040))
+        self._writeback = Writeback(self._fd)
         self._mtime = tar_number(block[136:148])
         self._left = size
         self._pad = -size % _BLOCK
@@ -128,8 +126,7 @@ class TarExtractor:
         os.utime(self._fd, (self._mtime, self._mtime))
         # Writing to disk starts now, while the next files are unpacked, so the fsyncs at the
         # end of the restore (sync_tree) mostly find the work done.
-        start_writeback(self._fd)
-        self._unflushed = 0
+        self._writeback.start()
         os.close(self._fd)
         self._fd = -1
 
