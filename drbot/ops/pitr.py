@@ -26,6 +26,7 @@ from pathlib import Path
 import structlog
 
 from drbot.catalog import BackupEntry, CatalogScan
+from drbot.engines.postgres.backupmanifest import check_files
 from drbot.engines.postgres.untar import TarExtractor
 from drbot.engines.postgres.wal import (
     DEFAULT_SEGMENT_SIZE,
@@ -348,9 +349,11 @@ def unpack_base(
     storages: dict[str, Storage],
     staging: Path,
     progress: Callable[[str, int], None] | None = None,
-) -> str:
+) -> tuple[str, bool]:
     """Unpack the base backup into `staging` (which must not exist) from the first copy that
-    works; returns the destination used. Every byte is authenticated before tar sees it."""
+    works; returns the destination used, and whether its files were checked against
+    PostgreSQL's `backup_manifest` (False: a checksum only `verify_base` checks). Every byte is
+    authenticated before tar sees it."""
     entry = scan.find(plan.backup_id)
     assert entry is not None
     errors: dict[str, str] = {}
@@ -369,8 +372,9 @@ def unpack_base(
             for chunk in Counted(chunks, rec.name, progress):
                 extractor.feed(chunk)
             extractor.finish()
-            _check_backup_manifest(staging, copy.manifest.positions, f"{name}:{rec.key}")
-            return name
+            where = f"{name}:{rec.key}"
+            manifest = _check_backup_manifest(staging, copy.manifest.positions, where)
+            return name, check_files(manifest, extractor.files, where)
         except (DrbotError, OSError) as exc:
             why = exc.message if isinstance(exc, DrbotError) else f"{exc.__class__.__name__}: {exc}"
             errors[name] = why
@@ -388,18 +392,20 @@ def unpack_base(
     )
 
 
-def _check_backup_manifest(staging: Path, positions: dict[str, object], where: str) -> None:
-    manifest = staging / "backup_manifest"
+def _check_backup_manifest(staging: Path, positions: dict[str, object], where: str) -> bytes:
+    """The unpacked `backup_manifest`, if it is the one drbot recorded at backup time."""
     try:
-        digest = hashlib.sha256(manifest.read_bytes()).hexdigest()
+        manifest = (staging / "backup_manifest").read_bytes()
     except OSError:
         raise IntegrityFailure(f"{where}: the base backup has no backup_manifest") from None
-    if digest != positions.get("backup_manifest_sha256"):
+    if hashlib.sha256(manifest).hexdigest() != positions.get("backup_manifest_sha256"):
         raise IntegrityFailure(f"{where}: backup_manifest differs from the one drbot recorded")
+    return manifest
 
 
 def verify_base(bin_dir: Path, staging: Path) -> None:
-    """pg_verifybackup: every file's size and checksum against PostgreSQL's backup_manifest."""
+    """pg_verifybackup: every file's size and checksum against PostgreSQL's backup_manifest
+    (for a manifest `unpack_base` could not check itself)."""
     proc = subprocess.run(
         [str(bin_dir / "pg_verifybackup"), "--no-parse-wal", "--quiet", str(staging)],
         capture_output=True,

@@ -187,9 +187,10 @@ def execute_pitr(
     staging = target_dir.parent / f".{target_dir.name}.drbot-staging"
     spool = target_dir.parent / f".{target_dir.name}.drbot-wal"
     shutil.rmtree(spool, ignore_errors=True)
-    source = unpack_base(plan, scan, storages, staging, progress)
+    source, checked = unpack_base(plan, scan, storages, staging, progress)
     try:
-        verify_base(bin_dir, staging)
+        if not checked:
+            verify_base(bin_dir, staging)
         if start is not None and not (staging / "postgresql.conf").exists():
             raise UsageError(
                 "the base backup has no postgresql.conf: the source keeps its configuration "

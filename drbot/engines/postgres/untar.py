@@ -2,7 +2,13 @@
 
 Written for what pg_basebackup produces instead of using `tarfile`: tarfile's stream mode reads
 10 KiB at a time and copies every read, which made unpacking the slowest stage of a physical
-restore. Here each chunk's file contents go to `os.write` as slices of the chunk itself.
+restore. Here the thread parsing the stream only checks headers and hands out file contents as
+slices of the chunks themselves.
+
+Files are written by a few threads (`directio.FileWriter`, large files past the page cache),
+each file by one of them from its open to its close, so that creating one file and writing
+another overlap (both release the GIL; creating a file took about 0.7 ms here, a third of a
+physical restore's unpacking for a cluster of 1,300 files).
 
 Only what pg_basebackup writes is accepted: ustar regular files and directories with relative
 names and no `..` component. Anything else (links, devices, pax or GNU extensions, absolute
@@ -12,53 +18,127 @@ tablespaces refused at backup time, a PostgreSQL base backup holds nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
+import threading
 from pathlib import Path, PurePosixPath
 
-from drbot.durable import Writeback
+import crc32c
+
+from drbot.directio import FileWriter
 from drbot.engines.postgres.basebackup import tar_number
 from drbot.errors import IntegrityFailure
 
 _BLOCK = 512
 _FILE_TYPES = (b"0", b"\0", b"7")  # 7: contiguous file, a regular file to every reader
 _DIR_TYPE = b"5"
-_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+WRITERS = min(4, os.cpu_count() or 1)
+"""Threads writing files: more would only wait for the disk, fewer leaves file creation serial."""
+_QUEUED = 8  # pieces (up to a decompressed chunk each) waiting per writer: bounds the memory
+
+
+class _Writer:
+    """One thread that opens, writes and closes files in the order it is told to.
+
+    The first exception is kept in `error` (and the file it hit closed); later work is
+    skipped, so the thread keeps draining its queue and the feeder never blocks on a dead writer.
+    """
+
+    def __init__(self, name: str, done: dict[str, tuple[int, int]]) -> None:
+        self.error: BaseException | None = None
+        self._queue: queue.Queue[tuple[int, object, int] | None] = queue.Queue(_QUEUED)
+        self._file = FileWriter()
+        self._done = done  # shared by the writers: name -> (size, CRC-32C), once closed
+        self._name = ""
+        self._size = 0
+        self._crc = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def put(self, op: int, arg: object = None, number: int = 0) -> None:
+        self._queue.put((op, arg, number))
+
+    def load(self) -> int:
+        return self._queue.qsize()
+
+    def stop(self) -> None:
+        """Finish what is queued, then end the thread (closes a file left open by a failure)."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            while (task := self._queue.get()) is not None:
+                if self.error is not None:
+                    continue
+                try:
+                    self._do(*task)
+                except BaseException as exc:  # kept for the feeder, which raises it
+                    self.error = exc
+                    with contextlib.suppress(OSError):  # the thread must live on to drain
+                        self._file.abandon()
+        finally:
+            with contextlib.suppress(OSError):  # only a failure leaves a file open here
+                self._file.release()
+
+    def _do(self, op: int, arg: object, number: int) -> None:
+        if op == _WRITE:
+            assert isinstance(arg, memoryview)
+            self._crc = crc32c.crc32c(arg, self._crc)
+            self._size += len(arg)
+            self._file.write(arg)
+        elif op == _OPEN:
+            assert isinstance(arg, tuple)
+            self._name, path, mode = arg
+            self._size = self._crc = 0
+            self._file.open(path, mode, number)
+        else:
+            self._file.close(number)
+            self._done[self._name] = (self._size, self._crc)
+
+
+_OPEN, _WRITE, _CLOSE = 0, 1, 2
 
 
 class TarExtractor:
-    """Feed it the archive in chunks of any size; `finish()` confirms the archive ended.
+    """Feed it the archive in chunks of any size; `finish()` confirms the archive ended and
+    every file was written; `release()` (always, also after a failure) stops the writers.
 
     Files get mode 0600 and directories 0700, plus group read (and search) where the archive
     grants it: PostgreSQL's own modes for a data directory, with or without group access.
-    Raises `IntegrityFailure` for a member it will not write, and `OSError` from the file system.
+    Raises `IntegrityFailure` for a member it will not write, and `OSError` from the file system
+    (from `feed` or `finish`, possibly for a file handed to a writer earlier).
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, writers: int = WRITERS) -> None:
         self.root = root
         self.members = 0
         self.data_bytes = 0
         self._header = bytearray()
-        self._fd = -1
-        self._left = 0  # content bytes of the current file still to write
+        self._left = 0  # content bytes of the current file still to hand out
         self._pad = 0  # padding after it
         self._mtime = 0
-        self._writeback = Writeback(-1)  # the current file's
         self._ended = False
         self._made: set[Path] = {root}
+        self.files: dict[str, tuple[int, int]] = {}
+        """Each file written, by its name in the archive: its size and CRC-32C (as the
+        `backup_manifest` of PostgreSQL records them), complete after `finish`."""
+        self._writers = [_Writer(f"untar-{n}", self.files) for n in range(max(1, writers))]
+        self._writer = self._writers[0]  # the current file's
+        self._stopped = False
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
+        # Pieces are written later, by other threads: they must be views of immutable bytes.
+        view = memoryview(data if isinstance(data, bytes) else bytes(data))
         while view and not self._ended:
             if self._left:
                 take = min(self._left, len(view))
-                piece = view[:take]
-                while piece:
-                    piece = piece[os.write(self._fd, piece) :]
+                self._writer.put(_WRITE, view[:take])
                 self._left -= take
-                self._writeback.wrote(take)
                 view = view[take:]
                 if not self._left:
-                    self._close_file()
+                    self._writer.put(_CLOSE, number=self._mtime)
                 continue
             if self._pad:
                 take = min(self._pad, len(view))
@@ -74,20 +154,30 @@ class TarExtractor:
                 self._member(block)
 
     def release(self) -> None:
-        """Close the file being written, if any (idempotent; for failures midway)."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        """Let the writers finish what they were handed and stop them, closing any file left
+        open (idempotent; for failures midway, also after `finish`)."""
+        if not self._stopped:
+            self._stopped = True
+            for writer in self._writers:
+                writer.stop()
 
     def finish(self) -> None:
-        """`IntegrityFailure` unless the archive's end marker was seen."""
+        """Wait for every file to be written. `IntegrityFailure` unless the archive's end
+        marker was seen; the first writer's `OSError`, if one failed."""
         self.release()
+        self._raise_failure()
         if not self._ended:
             raise IntegrityFailure(
                 f"the base backup's tar stream ends early (after {self.members} members)"
             )
 
+    def _raise_failure(self) -> None:
+        for writer in self._writers:
+            if writer.error is not None:
+                raise writer.error
+
     def _member(self, block: bytes) -> None:
+        self._raise_failure()  # once per member: a writer's failure stops the unpacking soon
         if block == bytes(_BLOCK):
             self._ended = True
             return
@@ -96,10 +186,11 @@ class TarExtractor:
         stored = sum(block[:148]) + 8 * 32 + sum(block[156:])
         if tar_number(block[148:156]) != stored:
             raise IntegrityFailure(f"tar member {self.members + 1} has a bad header checksum")
-        name = block[:100].split(b"\0", 1)[0]
+        short = block[:100].split(b"\0", 1)[0]
         prefix = block[345:500].split(b"\0", 1)[0]
-        raw = (prefix + b"/" + name) if prefix else name
-        path = self._path(raw.decode("utf-8", errors="surrogateescape"))
+        raw = (prefix + b"/" + short) if prefix else short
+        name = raw.decode("utf-8", errors="surrogateescape")
+        path = self._path(name)
         kind = block[156:157]
         mode = tar_number(block[100:108])
         size = tar_number(block[124:136])
@@ -113,22 +204,15 @@ class TarExtractor:
                 "directories (tablespace links are not supported)"
             )
         self._mkdir(path.parent, 0o700)
-        self._fd = os.open(path, _OPEN_FLAGS, 0o600 | (mode & 0o040))
-        self._writeback = Writeback(self._fd)
+        # The least busy writer: a small file need not wait behind a large one's pieces.
+        self._writer = min(self._writers, key=_Writer.load)
+        self._writer.put(_OPEN, (name, path, 0o600 | (mode & 0o040)), size)
         self._mtime = tar_number(block[136:148])
         self._left = size
         self._pad = -size % _BLOCK
         self.data_bytes += size
         if not size:
-            self._close_file()
-
-    def _close_file(self) -> None:
-        os.utime(self._fd, (self._mtime, self._mtime))
-        # Writing to disk starts now, while the next files are unpacked, so the fsyncs at the
-        # end of the restore (sync_tree) mostly find the work done.
-        self._writeback.start()
-        os.close(self._fd)
-        self._fd = -1
+            self._writer.put(_CLOSE, number=self._mtime)
 
     def _path(self, name: str) -> Path:
         parts = PurePosixPath(name).parts
