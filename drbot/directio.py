@@ -17,6 +17,7 @@ systems, a device with larger blocks): `EINVAL` at open or at a write turns it o
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import mmap
@@ -106,8 +107,11 @@ class FileWriter:
     def release(self) -> None:
         """Free the buffer; the writer is unusable afterwards."""
         self.abandon()
-        self._view.release()
-        self._buffer.close()
+        # A failed write's traceback may still hold a slice of the buffer: then the mapping
+        # goes when that slice does.
+        with contextlib.suppress(BufferError):
+            self._view.release()
+            self._buffer.close()
 
     def _flush(self) -> None:
         fill = self._fill

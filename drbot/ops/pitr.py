@@ -380,6 +380,7 @@ def unpack_base(
             errors[name] = why
             log.warning("restore.copy_failed", destination=name, error=why)
         except BaseException:
+            extractor.release()  # first: a writer must not create files behind the removal
             shutil.rmtree(staging, ignore_errors=True)  # no decrypted data left behind
             raise
         finally:

@@ -3,6 +3,7 @@ unpacking: pg_verifybackup's rules, and a refusal to guess for checksums it does
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 
@@ -30,8 +31,14 @@ def _entry(name: str, data: bytes, alg: str = "CRC32C") -> dict[str, object]:
 
 
 def _manifest(entries: list[dict[str, object]]) -> bytes:
-    doc = {"PostgreSQL-Backup-Manifest-Version": 1, "Files": entries, "WAL-Ranges": []}
-    return json.dumps(doc).encode()
+    """Laid out as PostgreSQL writes it: one line per entry, the checksum line last."""
+    lines = ",\n".join(json.dumps(e) for e in entries)
+    body = (
+        f'{{ "PostgreSQL-Backup-Manifest-Version": 1,\n"Files": [\n{lines} ],\n'
+        '"WAL-Ranges": [\n{ "Timeline": 1, "Start-LSN": "0/2000028", "End-LSN": "0/2000100" }\n'
+        "],\n"
+    ).encode()
+    return body + f'"Manifest-Checksum": "{hashlib.sha256(body).hexdigest()}"}}\n'.encode()
 
 
 def _written(files: dict[str, bytes]) -> dict[str, tuple[int, int]]:
@@ -106,9 +113,49 @@ def test_no_checksum_checks_sizes_and_another_algorithm_is_left_to_pg_verifyback
     assert check_files(_manifest(sha), written, "d") is False
 
 
+def _signed(body: bytes) -> bytes:
+    return body + f'"Manifest-Checksum": "{hashlib.sha256(body).hexdigest()}"}}\n'.encode()
+
+
 @pytest.mark.parametrize(
-    "manifest", [b"not json", b"{}", b'{"Files": [{"Size": 1}]}', b'{"Files": [1]}']
+    "body",
+    [
+        b"not json,\n",
+        b"{\n",
+        b'{"Files": [{"Size": 1}],\n',
+        b'{"Files": [1],\n',
+        b'{"Files": [{"Path": "a", "Size": 1}, {"Path": "a", "Size": 1}],\n',
+        b'{"Files": [{"Path": "a", "Encoded-Path": "61", "Size": 1}],\n',
+    ],
+    ids=["not json", "no files", "no path", "not an entry", "listed twice", "two paths"],
 )
-def test_a_manifest_that_is_not_one_is_an_integrity_failure(manifest: bytes) -> None:
+def test_a_manifest_that_is_not_one_is_an_integrity_failure(body: bytes) -> None:
     with pytest.raises(IntegrityFailure, match="not a PostgreSQL backup manifest"):
-        check_files(manifest, {}, "d")
+        check_files(_signed(body), {"a": (1, 0)}, "d")
+
+
+def test_the_manifests_own_checksum_must_match() -> None:
+    manifest = _manifest([_entry(n, d) for n, d in FILES.items()])
+    assert check_files(manifest, _written(FILES), "d") is True
+    changed = manifest.replace(b'"Size": 3', b'"Size": 4')  # PG_VERSION's entry
+    with pytest.raises(IntegrityFailure, match="does not match its Manifest-Checksum"):
+        check_files(changed, _written(FILES), "d")
+    unsigned = manifest[: manifest.rindex(b'"Manifest-Checksum"')]
+    with pytest.raises(IntegrityFailure, match="no Manifest-Checksum line"):
+        check_files(unsigned + b"}\n", _written(FILES), "d")
+
+
+def test_pg_wal_is_left_out_but_a_name_that_only_starts_like_it_is_not() -> None:
+    entries = [_entry(n, d) for n, d in FILES.items()]
+    listed_wal = _manifest([*entries, _entry("pg_wal/000000010000000000000002", b"x")])
+    assert check_files(listed_wal, _written(FILES), "d") is True
+    written = _written(FILES) | {"pg_wal_x": (1, 0)}
+    with pytest.raises(IntegrityFailure, match="pg_wal_x is not in the manifest"):
+        check_files(_manifest(entries), written, "d")
+
+
+def test_checksum_hex_is_compared_without_regard_to_case() -> None:
+    entries = [_entry(n, d) for n, d in FILES.items()]
+    for e in entries:
+        e["Checksum"] = str(e["Checksum"]).upper()
+    assert check_files(_manifest(entries), _written(FILES), "d") is True

@@ -94,6 +94,19 @@ def test_highly_compressible_input_round_trips_in_bounded_pieces() -> None:
     assert largest <= 40 << 20
 
 
+def test_compressed_output_comes_in_1_mib_pieces_with_worker_threads() -> None:
+    """With zstd's workers the end of the frame holds every job in flight; it still comes in
+    1 MiB pieces, so neither it nor the frames encrypted from it pile up at once."""
+    rng = random.Random(7)
+    chunks = [rng.randbytes(1 << 20) for _ in range(24)]  # incompressible: 24 MiB out
+    pieces = list(compress_chunks(chunks, level=3, threads=2))
+    assert {len(p) for p in pieces[:-1]} == {1 << 20}
+    assert 0 < len(pieces[-1]) <= 1 << 20
+    assert zstandard.ZstdDecompressor().decompressobj().decompress(b"".join(pieces)) == b"".join(
+        chunks
+    )
+
+
 def test_empty_input_compresses_to_a_valid_empty_frame() -> None:
     for chunks in ([], [b""], [b"", b""]):
         compressed = b"".join(compress_chunks(chunks, level=3, threads=0))

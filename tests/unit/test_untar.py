@@ -8,13 +8,14 @@ import os
 import random
 import stat
 import tarfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 import crc32c
 import pytest
 
-from drbot.directio import DIRECT_MIN
+from drbot.directio import DIRECT_MIN, FileWriter
 from drbot.durable import sync_dir, sync_tree
 from drbot.engines.postgres.untar import TarExtractor
 from drbot.errors import IntegrityFailure
@@ -224,3 +225,44 @@ def test_sync_tree_fsyncs_every_file_and_directory(
     assert len(synced) == len(everything)
     sync_dir(tmp_path)
     assert synced[-1] == str(tmp_path)
+
+
+def test_a_file_named_twice_is_refused(tmp_path: Path) -> None:
+    """Two copies of one name could go to two writers and interleave on disk."""
+    members = [_file("base/1/1259", b"first"), _file("base/1/1259", b"second")]
+    with pytest.raises(IntegrityFailure, match="appears twice"):
+        _unpack(_archive(members), tmp_path)
+
+
+def test_a_file_whose_size_on_disk_differs_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checksums are taken of the bytes handed to the file system; what lands is checked
+    by size (here O_DIRECT's padding left in place, as a broken ftruncate would)."""
+    monkeypatch.setattr("drbot.directio.DIRECT_MIN", 1)
+    probe = FileWriter()
+    probe.open(tmp_path / "probe", 0o600, 1)
+    direct = probe.direct
+    probe.release()
+    if not direct:
+        pytest.skip("this file system refuses O_DIRECT: no padding to leave behind")
+    monkeypatch.setattr(os, "ftruncate", lambda fd, size: None)
+    (tmp_path / "probe").unlink()
+    with pytest.raises(IntegrityFailure, match="bytes on disk"):
+        _unpack(_archive([_file("PG_VERSION", b"15\n")]), tmp_path)
+
+
+def test_release_midway_drops_queued_work_and_stops_every_writer(tmp_path: Path) -> None:
+    """A failed or interrupted restore: no writer thread left (nothing can be written behind
+    the removal of the directory), no file open, and the extractor refuses more input."""
+    rng = random.Random(2)
+    members = [_file(f"f{i}", rng.randbytes(200_000)) for i in range(40)]
+    archive = _archive(members)
+    before = set(os.listdir("/proc/self/fd"))
+    extractor = TarExtractor(tmp_path, writers=2)
+    extractor.feed(archive[: len(archive) // 2])
+    extractor.release()
+    assert not [t for t in threading.enumerate() if t.name.startswith("untar-")]
+    assert set(os.listdir("/proc/self/fd")) == before
+    with pytest.raises(RuntimeError, match="after finish"):
+        extractor.feed(archive[len(archive) // 2 :])

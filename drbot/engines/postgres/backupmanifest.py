@@ -5,17 +5,23 @@ pg_verifybackup reads every file back: from the page cache that costs little, bu
 that writes past it (`directio`) would read 1.6 GiB from disk again (3.4 s against 0.4 s,
 measured). The checksums are taken of exactly the bytes handed to the file system.
 
-The rules are pg_verifybackup's (PostgreSQL 13-17, `--no-parse-wal`): every file the manifest
-lists exists with its size and checksum, no other file exists, and the manifest's own entry,
-`pg_wal/` and the files a restore may add (`postgresql.auto.conf`, `recovery.signal`,
-`standby.signal`) are left out of both. A CRC-32C is recorded as the hex of its 4 bytes in
-little-endian order. A manifest with another algorithm (SHA-224 to SHA-512, a `pg_basebackup
---manifest-checksums` other than drbot's) is not checked here: the caller runs pg_verifybackup.
+The rules are pg_verifybackup's (PostgreSQL 13-17, `--no-parse-wal`): the manifest's own
+`Manifest-Checksum` (SHA-256 of every line before its own) matches, no path is listed twice,
+every file the manifest lists exists with its size and checksum, no other file exists, and the
+manifest's own entry, `pg_wal/` and the files a restore may add (`postgresql.auto.conf`,
+`recovery.signal`, `standby.signal`) are left out of both. A CRC-32C is recorded as the hex of
+its 4 bytes in the server's byte order (PostgreSQL copies the integer as it is): little-endian
+on every platform drbot runs on. A manifest with another algorithm (SHA-224 to SHA-512, a
+`pg_basebackup --manifest-checksums` other than drbot's) is not checked here: the caller runs
+pg_verifybackup. Not checked either (nor by pg_verifybackup before PostgreSQL 17): that
+`global/pg_control` belongs to the manifest's `System-Identifier`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from collections.abc import Mapping
 
 from drbot.errors import IntegrityFailure
@@ -34,9 +40,12 @@ def check_files(manifest: bytes, files: Mapping[str, tuple[int, int]], where: st
     checked). Raises `IntegrityFailure`, naming `where` and the first files that differ, are
     missing or are extra, or if `manifest` is not a backup manifest.
     """
+    _check_own_checksum(manifest, where)
     try:
         entries = json.loads(manifest)["Files"]
         listed = {_name(e): e for e in entries}
+        if len(listed) != len(entries):
+            raise ValueError("a path is listed twice")
         if any(e.get("Checksum-Algorithm", "NONE") not in ("CRC32C", "NONE") for e in entries):
             return False
         problems = [
@@ -62,8 +71,20 @@ def check_files(manifest: bytes, files: Mapping[str, tuple[int, int]], where: st
     return True
 
 
+def _check_own_checksum(manifest: bytes, where: str) -> None:
+    """The last line holds the SHA-256 of everything before it (up to its newline)."""
+    body_end = manifest.rfind(b"\n", 0, len(manifest) - 1) + 1
+    found = re.fullmatch(rb'"Manifest-Checksum": "([0-9a-fA-F]{64})"}\n', manifest[body_end:])
+    if not body_end or found is None:
+        raise IntegrityFailure(f"{where}: backup_manifest has no Manifest-Checksum line at its end")
+    if hashlib.sha256(manifest[:body_end]).hexdigest() != found.group(1).decode().lower():
+        raise IntegrityFailure(f"{where}: backup_manifest does not match its Manifest-Checksum")
+
+
 def _name(entry: dict[str, object]) -> str:
     if "Encoded-Path" in entry:  # a name that is not UTF-8, in hex
+        if "Path" in entry:
+            raise ValueError("an entry has both Path and Encoded-Path")
         return bytes.fromhex(str(entry["Encoded-Path"])).decode("utf-8", "surrogateescape")
     path = entry["Path"]
     if not isinstance(path, str):

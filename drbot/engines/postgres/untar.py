@@ -43,6 +43,7 @@ class _Writer:
 
     The first exception is kept in `error` (and the file it hit closed); later work is
     skipped, so the thread keeps draining its queue and the feeder never blocks on a dead writer.
+    The same once `end(discard=True)` is called: a failed restore writes nothing more.
     """
 
     def __init__(self, name: str, done: dict[str, tuple[int, int]]) -> None:
@@ -53,6 +54,7 @@ class _Writer:
         self._name = ""
         self._size = 0
         self._crc = 0
+        self._discard = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -62,15 +64,18 @@ class _Writer:
     def load(self) -> int:
         return self._queue.qsize()
 
-    def stop(self) -> None:
-        """Finish what is queued, then end the thread (closes a file left open by a failure)."""
+    def end(self, *, discard: bool) -> None:
+        """Tell the thread to end after what is queued (or, with `discard`, without doing it)."""
+        self._discard = self._discard or discard
         self._queue.put(None)
+
+    def join(self) -> None:
         self._thread.join()
 
     def _run(self) -> None:
         try:
             while (task := self._queue.get()) is not None:
-                if self.error is not None:
+                if self.error is not None or self._discard:
                     continue
                 try:
                     self._do(*task)
@@ -121,14 +126,35 @@ class TarExtractor:
         self._mtime = 0
         self._ended = False
         self._made: set[Path] = {root}
+        self._names: set[str] = set()  # the files handed out
         self.files: dict[str, tuple[int, int]] = {}
         """Each file written, by its name in the archive: its size and CRC-32C (as the
         `backup_manifest` of PostgreSQL records them), complete after `finish`."""
-        self._writers = [_Writer(f"untar-{n}", self.files) for n in range(max(1, writers))]
-        self._writer = self._writers[0]  # the current file's
+        self._writers: list[_Writer] = []
         self._stopped = False
+        try:
+            for n in range(max(1, writers)):
+                self._writers.append(_Writer(f"untar-{n}", self.files))
+        except BaseException:
+            self.release()
+            raise
+        self._writer = self._writers[0]  # the current file's
+
+    def _stop(self, *, discard: bool) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        # Every writer is told before any is waited for: an interrupt while waiting for one
+        # still leaves the others ending (and, discarding, writing nothing more).
+        for writer in self._writers:
+            writer.end(discard=discard)
+        for writer in self._writers:
+            writer.join()
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._stopped:
+            raise RuntimeError("feed() after finish() or release()")
+        self._raise_failure()
         # Pieces are written later, by other threads: they must be views of immutable bytes.
         view = memoryview(data if isinstance(data, bytes) else bytes(data))
         while view and not self._ended:
@@ -154,22 +180,31 @@ class TarExtractor:
                 self._member(block)
 
     def release(self) -> None:
-        """Let the writers finish what they were handed and stop them, closing any file left
-        open (idempotent; for failures midway, also after `finish`)."""
-        if not self._stopped:
-            self._stopped = True
-            for writer in self._writers:
-                writer.stop()
+        """Stop the writers, dropping what they were handed and not yet written, and close any
+        file left open (idempotent; for failures midway, and after `finish`). Files already
+        written stay: the caller removes the directory."""
+        self._stop(discard=True)
 
     def finish(self) -> None:
-        """Wait for every file to be written. `IntegrityFailure` unless the archive's end
-        marker was seen; the first writer's `OSError`, if one failed."""
-        self.release()
+        """Wait for every file to be written and check each one's size on disk.
+
+        `IntegrityFailure` unless the archive's end marker was seen, or if a file's size on
+        disk is not what was written to it; the first writer's `OSError`, if one failed.
+        """
+        self._stop(discard=False)
         self._raise_failure()
         if not self._ended:
             raise IntegrityFailure(
                 f"the base backup's tar stream ends early (after {self.members} members)"
             )
+        # Metadata only, no data read back: a file cut short or left padded by the writing
+        # (O_DIRECT's whole blocks) would otherwise pass the checksums taken while writing.
+        for name, (size, _crc) in self.files.items():
+            found = self._path(name).stat().st_size
+            if found != size:
+                raise IntegrityFailure(
+                    f"unpacked file {name} has {found} bytes on disk, {size} were written"
+                )
 
     def _raise_failure(self) -> None:
         for writer in self._writers:
@@ -203,6 +238,10 @@ class TarExtractor:
                 f"tar member {raw!r} has type {kind!r}: a base backup holds only files and "
                 "directories (tablespace links are not supported)"
             )
+        if name in self._names:
+            # Two writers could interleave two copies of one file; pg_basebackup writes none.
+            raise IntegrityFailure(f"tar member {name!r} appears twice")
+        self._names.add(name)
         self._mkdir(path.parent, 0o700)
         # The least busy writer: a small file need not wait behind a large one's pieces.
         self._writer = min(self._writers, key=_Writer.load)
