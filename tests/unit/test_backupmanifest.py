@@ -38,6 +38,10 @@ def _manifest(entries: list[dict[str, object]]) -> bytes:
         '"WAL-Ranges": [\n{ "Timeline": 1, "Start-LSN": "0/2000028", "End-LSN": "0/2000100" }\n'
         "],\n"
     ).encode()
+    return _signed(body)
+
+
+def _signed(body: bytes) -> bytes:
     return body + f'"Manifest-Checksum": "{hashlib.sha256(body).hexdigest()}"}}\n'.encode()
 
 
@@ -111,10 +115,6 @@ def test_no_checksum_checks_sizes_and_another_algorithm_is_left_to_pg_verifyback
     sha = [_entry(n, d) for n, d in FILES.items()]
     sha[0] = {"Path": "PG_VERSION", "Size": 3, "Checksum-Algorithm": "SHA256", "Checksum": "00"}
     assert check_files(_manifest(sha), written, "d") is False
-
-
-def _signed(body: bytes) -> bytes:
-    return body + f'"Manifest-Checksum": "{hashlib.sha256(body).hexdigest()}"}}\n'.encode()
 
 
 @pytest.mark.parametrize(
