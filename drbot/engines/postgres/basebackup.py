@@ -4,7 +4,7 @@ pg_basebackup writes one ustar archive of the data directory to stdout (`-D - -F
 WAL the backup needs (`-X fetch`) and, last, PostgreSQL's own `backup_manifest`: every file with
 its size and CRC32C, and the WAL range (timeline, start and end LSN) a restore must replay.
 drbot keeps that manifest's facts in its own manifest, so it knows the backup's positions
-without unpacking anything, and `pg_verifybackup` can check every restored file against it.
+without unpacking anything, and a restore can check every file against it (`backupmanifest`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,42 @@ def tar_number(field: bytes) -> int:
         return value
     text = field.rstrip(b"\0 ").strip()
     return int(text, 8) if text else 0
+
+
+@dataclass(frozen=True, slots=True)
+class TarHeader:
+    """The fields drbot reads from one ustar header block (the scanner at backup, the
+    extractor at restore; only the extractor insists on `ustar` and `checksum_ok`)."""
+
+    name: bytes  # the ustar prefix and name, joined with "/"
+    kind: bytes  # the type flag: b"0" or b"\0" a file, b"5" a directory, b"2" a symlink, ...
+    mode: int
+    size: int
+    mtime: int
+    ustar: bool  # the block carries ustar's magic
+    checksum_ok: bool
+
+    @property
+    def padded_size(self) -> int:
+        """The member's content with its padding to whole blocks."""
+        return -(-self.size // _BLOCK) * _BLOCK
+
+
+def read_header(block: bytes) -> TarHeader:
+    """Parse one 512-byte header block (not the all-zero end-of-archive block)."""
+    name = block[:100].split(b"\0", 1)[0]
+    prefix = block[345:500].split(b"\0", 1)[0]
+    # The checksum counts its own 8 bytes as spaces.
+    stored = sum(block[:148]) + 8 * 32 + sum(block[156:])
+    return TarHeader(
+        name=prefix + b"/" + name if prefix else name,
+        kind=block[156:157],
+        mode=tar_number(block[100:108]),
+        size=tar_number(block[124:136]),
+        mtime=tar_number(block[136:148]),
+        ustar=block[257:262] == b"ustar",
+        checksum_ok=tar_number(block[148:156]) == stored,
+    )
 
 
 @dataclass(frozen=True)
@@ -99,17 +135,15 @@ class TarScanner:
         if self.ended or block == bytes(_BLOCK):
             self.ended = True
             return
-        name = block[:100].split(b"\0", 1)[0]
-        prefix = block[345:500].split(b"\0", 1)[0]
-        full = (prefix + b"/" + name if prefix else name).decode(errors="replace")
-        size = tar_number(block[124:136])
-        kind = block[156:157]
+        header = read_header(block)
+        full = header.name.decode(errors="replace")
+        size = header.size
         self.members += 1
-        if kind == b"2":
+        if header.kind == b"2":
             self.symlinks.append(full)
-        if kind in (b"0", b"\0"):
+        if header.kind in (b"0", b"\0"):
             self.data_bytes += size
-        self._skip = -(-size // _BLOCK) * _BLOCK
+        self._skip = header.padded_size
         if full in _KEEP and size <= _KEEP_LIMIT:
             self._keep_name, self._keep_size = full, size
             self._kept = bytearray()

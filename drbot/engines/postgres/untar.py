@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 import crc32c
 
 from drbot.directio import FileWriter
-from drbot.engines.postgres.basebackup import tar_number
+from drbot.engines.postgres.basebackup import read_header
 from drbot.errors import IntegrityFailure
 
 _BLOCK = 512
@@ -216,19 +216,15 @@ class TarExtractor:
         if block == bytes(_BLOCK):
             self._ended = True
             return
-        if block[257:262] != b"ustar":
+        header = read_header(block)
+        if not header.ustar:
             raise IntegrityFailure(f"tar member {self.members + 1} has no ustar header")
-        stored = sum(block[:148]) + 8 * 32 + sum(block[156:])
-        if tar_number(block[148:156]) != stored:
+        if not header.checksum_ok:
             raise IntegrityFailure(f"tar member {self.members + 1} has a bad header checksum")
-        short = block[:100].split(b"\0", 1)[0]
-        prefix = block[345:500].split(b"\0", 1)[0]
-        raw = (prefix + b"/" + short) if prefix else short
+        raw = header.name
         name = raw.decode("utf-8", errors="surrogateescape")
         path = self._path(name)
-        kind = block[156:157]
-        mode = tar_number(block[100:108])
-        size = tar_number(block[124:136])
+        kind, mode, size = header.kind, header.mode, header.size
         self.members += 1
         if kind == _DIR_TYPE:
             self._mkdir(path, 0o700 | (mode & 0o050))
@@ -246,9 +242,9 @@ class TarExtractor:
         # The least busy writer: a small file need not wait behind a large one's pieces.
         self._writer = min(self._writers, key=_Writer.load)
         self._writer.put(_OPEN, (name, path, 0o600 | (mode & 0o040)), size)
-        self._mtime = tar_number(block[136:148])
+        self._mtime = header.mtime
         self._left = size
-        self._pad = -size % _BLOCK
+        self._pad = header.padded_size - size
         self.data_bytes += size
         if not size:
             self._writer.put(_CLOSE, number=self._mtime)
