@@ -52,6 +52,9 @@ def _windows(
             "to_time": w.end_time.isoformat() if w.end_time else None,
             "to_lsn": format_lsn(w.end_lsn),
             "to_partial_segment": w.partial,
+            # The newest moment a streamer heartbeat proves the archive held all the server's
+            # WAL: a restore to a later moment with no commit after it needs this to reach it.
+            "confirmed_time": w.confirmed_time.isoformat() if w.confirmed_time else None,
             "wal_files": len(w.wal),
             "gap": w.gap,
         }

@@ -582,15 +582,18 @@ def _archived_commits(scenario: Scenario, n: int = 3) -> datetime:
     return last
 
 
-def _wait_archived(scenario: Scenario, moment: datetime) -> None:
+def _wait_archived(scenario: Scenario, moment: datetime, *, confirmed: bool = False) -> None:
+    """Until `list` shows the archive reaching `moment` (with `confirmed`, proven by a streamer
+    heartbeat: a partial segment stored after `moment` does not prove nothing followed it)."""
+    field = "confirmed_time" if confirmed else "to_time"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         rows = json.loads(scenario.drbot("list", "--policy", "pitr", "--json").stdout)
         window = rows[-1]["restorable"] if rows else None
-        if window and window["to_time"] and datetime.fromisoformat(window["to_time"]) >= moment:
+        if window and window[field] and datetime.fromisoformat(window[field]) >= moment:
             return
         time.sleep(1)
-    raise AssertionError(f"the archive never reached {moment.isoformat()}")
+    raise AssertionError(f"the archive never reached {moment.isoformat()} ({field})")
 
 
 def _drill(scenario: Scenario, sandbox: str, *extra: str, checks: str = "") -> dict[str, Any]:
@@ -653,7 +656,7 @@ def test_drill_at_a_quiet_moment_replays_everything(scenario: Scenario) -> None:
     scenario.writer.stop.set()
     scenario.writer.join(timeout=10)
     at = _archived_commits(scenario) + timedelta(seconds=1)
-    _wait_archived(scenario, at + timedelta(seconds=1))
+    _wait_archived(scenario, at, confirmed=True)
     out = _drill(scenario, "process", "--at", at.isoformat())
     replay = {c["name"]: c for c in out["checks"]}["wal_replay"]
     assert replay["passed"] and "everything was replayed" in replay["detail"]
