@@ -100,10 +100,11 @@ def _problem(name: str, entry: dict[str, object], files: Mapping[str, tuple[int,
     if size != entry["Size"]:
         return f"{name} has {size} bytes, the manifest {entry['Size']}"
     expected = entry.get("Checksum")
+    written = crc.to_bytes(4, "little").hex()
     if entry.get("Checksum-Algorithm") == "CRC32C" and (
-        not isinstance(expected, str) or crc.to_bytes(4, "little").hex() != expected.lower()
+        not isinstance(expected, str) or written != expected.lower()
     ):
-        return f"{name} has CRC-32C {crc.to_bytes(4, 'little').hex()}, the manifest {expected}"
+        return f"{name} has CRC-32C {written}, the manifest {expected}"
     return ""
 
 
