@@ -18,8 +18,11 @@ from drbot.ops.pitr import verify_base
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
-def _unpacked(server: LocalPostgres, checksums: str, root: Path) -> TarExtractor:
-    """`root` holding a base backup of `server`, as pg_basebackup streams one to drbot."""
+def _unpacked(
+    server: LocalPostgres, checksums: str, root: Path
+) -> tuple[dict[str, tuple[int, int]], bytes]:
+    """`root` holding a base backup of `server`, as pg_basebackup streams one to drbot: the
+    sizes and CRC-32C taken while unpacking, and the backup_manifest PostgreSQL wrote."""
     archive = subprocess.run(
         [
             str(find_bin_dir(None, "pg_basebackup") / "pg_basebackup"),
@@ -42,17 +45,15 @@ def _unpacked(server: LocalPostgres, checksums: str, root: Path) -> TarExtractor
         extractor.finish()
     finally:
         extractor.release()
-    return extractor
+    return extractor.files, (root / "backup_manifest").read_bytes()
 
 
 def test_a_crc32c_manifest_is_checked_from_what_was_written(
     pg_server: LocalPostgres, tmp_path: Path
 ) -> None:
-    root = tmp_path / "data"
-    extractor = _unpacked(pg_server, "CRC32C", root)
-    manifest = (root / "backup_manifest").read_bytes()
-    assert check_files(manifest, extractor.files, "t") is True
-    changed = dict(extractor.files)
+    files, manifest = _unpacked(pg_server, "CRC32C", tmp_path / "data")
+    assert check_files(manifest, files, "t") is True
+    changed = dict(files)
     size, crc = changed["PG_VERSION"]
     changed["PG_VERSION"] = (size, crc ^ 1)
     with pytest.raises(IntegrityFailure, match="PG_VERSION has CRC-32C"):
@@ -63,9 +64,8 @@ def test_another_checksum_is_left_to_pg_verifybackup_which_catches_a_change(
     pg_server: LocalPostgres, tmp_path: Path
 ) -> None:
     root = tmp_path / "data"
-    extractor = _unpacked(pg_server, "SHA256", root)
-    manifest = (root / "backup_manifest").read_bytes()
-    assert check_files(manifest, extractor.files, "t") is False
+    files, manifest = _unpacked(pg_server, "SHA256", root)
+    assert check_files(manifest, files, "t") is False
     bin_dir = find_bin_dir(None, "pg_verifybackup")
     verify_base(bin_dir, root)
     (root / "PG_VERSION").write_bytes(b"99\n")
