@@ -52,7 +52,8 @@ src="$(mktemp -d)"
 tmp=""
 trap 'rm -rf "$src" ${tmp:+"$tmp"}' EXIT
 # A clean copy, so nothing stale (build/lib, *.egg-info, __pycache__) gets into the wheel.
-tar --exclude=__pycache__ -cf - pyproject.toml README.md drbot | tar -xf - -C "$src"
+tar --exclude=__pycache__ --exclude='*.so' -cf - pyproject.toml setup.py README.md drbot \
+    | tar -xf - -C "$src"
 rm -rf build/wheels/drbot
 # Fixed timestamps: the same sources make the same wheel, and Docker's cache holds.
 SOURCE_DATE_EPOCH=315532800 "$PY" -m pip wheel -qq --disable-pip-version-check --no-deps \

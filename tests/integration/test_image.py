@@ -129,6 +129,13 @@ def test_the_postgresql_client_tools_are_there_and_no_compiler_is(
         assert line.startswith(f"{tool} (PostgreSQL) {PG_MAJOR}."), line
 
 
+def test_the_fingerprints_c_loop_is_in_the_image(client: DockerClient, image: str) -> None:
+    """drbot's wheel carries its compiled part (setup.py), built on this host for Python 3.11,
+    and the image's Python loads it: logical backups do not fall back to the slower reader."""
+    script = "import drbot.engines.postgres.archive as a; print(a._SUM_ROWS is not None)"
+    assert run(client, image, ["-c", script], entrypoint="python3").strip() == "True"
+
+
 def test_the_image_declares_the_daemon_a_non_root_user_and_a_health_check(
     client: DockerClient, image: str
 ) -> None:

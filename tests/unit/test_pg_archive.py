@@ -33,10 +33,23 @@ from drbot.engines.postgres.archive import (
     ArchiveFingerprinter,
     LineSummer,
 )
+from tests.fixtures.require import missing
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
 MASK = (1 << 128) - 1
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def rows_in(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test twice: pg_dump's one-row chunks summed by the C extension, then by Python.
+
+    Both must give the same fingerprints, on well-formed and damaged archives alike.
+    """
+    if request.param == "c" and archive._SUM_ROWS is None:
+        missing("native", "drbot/engines/postgres/_rowsum.c is not built (setup.py)")
+    monkeypatch.setattr(ArchiveFingerprinter, "native", request.param == "c")
+    return str(request.param)
 
 
 # -- a tiny archive writer ----------------------------------------------------------------
@@ -477,16 +490,23 @@ def _awkward_rows() -> list[bytes]:
     return rows
 
 
-def test_one_chunk_per_row_goes_through_c_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_chunk_per_row_goes_through_c_calls(
+    monkeypatch: pytest.MonkeyPatch, rows_in: str
+) -> None:
     rows = [f"{i}\tname {i}\t{'y' * (i % 300)}".encode() for i in range(20_000)]
     taken: list[int] = []
-    add_lines = LineSummer.add_lines
+    add_lines, add_sum = LineSummer.add_lines, LineSummer.add_sum
 
-    def counting(self: LineSummer, lines: list[bytes]) -> None:
+    def counting_lines(self: LineSummer, lines: list[bytes]) -> None:
         taken.append(len(lines))
         add_lines(self, lines)
 
-    monkeypatch.setattr(LineSummer, "add_lines", counting)
+    def counting_sums(self: LineSummer, rows: int, total: int) -> None:
+        taken.append(rows)
+        add_sum(self, rows, total)
+
+    monkeypatch.setattr(LineSummer, "add_lines", counting_lines)
+    monkeypatch.setattr(LineSummer, "add_sum", counting_sums)
     data = _pg_archive(rows)
     assert _fingerprint(data) == _pg_expected(rows)
     assert sum(taken) == len(rows)  # fed whole: not one row walked
@@ -494,6 +514,43 @@ def test_one_chunk_per_row_goes_through_c_calls(monkeypatch: pytest.MonkeyPatch)
     assert _fingerprint(data, [65536] * (len(data) // 65536 + 1)) == _pg_expected(rows)
     # Every row but those cut by a feed boundary is counted without walking its chunk.
     assert sum(taken) >= len(rows) - len(data) // 65536 - 2
+    if rows_in == "c":
+        assert len(taken) <= len(data) // 65536 + 2  # one call per feed, not per row
+
+
+def test_the_c_extension_stops_where_python_takes_over() -> None:
+    if archive._SUM_ROWS is None:
+        missing("native", "drbot/engines/postgres/_rowsum.c is not built (setup.py)")
+    sum_rows, max_row = archive._SUM_ROWS, archive._FAST_MAX_ROW
+    rows = [b"a", b"", b"b" * 300]
+    chunks = b"".join(_int(len(r) + 1) + r + b"\n" for r in rows)
+    total = sum(map(xxhash.xxh3_128_intdigest, rows)) & MASK
+    whole = len(chunks)
+
+    def stop(data: bytes, pos: int = 0) -> tuple[int, int, int]:
+        end, n, high, low, state = sum_rows(bytearray(data), pos, max_row)
+        assert high >> 64 == 0
+        assert low >> 64 == 0
+        if n == len(rows):
+            assert high << 64 | low == total
+        return end, n, state
+
+    from drbot.engines.postgres import _rowsum
+
+    need_more, walk, not_a_row = _rowsum.NEED_MORE, _rowsum.WALK, _rowsum.NOT_A_ROW
+    assert stop(chunks) == (whole, 3, need_more)  # at the end, waiting for a header
+    assert stop(chunks + _int(5)[:3]) == (whole, 3, need_more)
+    assert stop(chunks + _int(9) + b"par") == (whole, 3, need_more)  # a short row, unfinished
+    assert stop(chunks + _int(max_row + 1) + b"x") == (whole, 3, walk)  # a long one
+    assert stop(chunks + _int(0)) == (whole, 3, walk)  # the block's end
+    assert stop(chunks + _int(-1)) == (whole, 3, walk)  # a negative length
+    assert stop(chunks + _int(3) + b"\\.\n") == (whole, 3, not_a_row)  # the terminator
+    assert stop(chunks + _int(5) + b"\\.\n\n\n") == (whole, 3, not_a_row)
+    assert stop(chunks + _int(4) + b"c\nd\n") == (whole, 3, not_a_row)  # two rows
+    assert stop(chunks + _int(2) + b"cd") == (whole, 3, not_a_row)  # part of one
+    assert stop(chunks, whole) == (whole, 0, need_more)
+    with pytest.raises(ValueError, match="outside"):
+        stop(chunks, whole + 1)
 
 
 def test_headers_holding_newline_and_zero_bytes() -> None:
