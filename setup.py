@@ -13,7 +13,9 @@ setup(
         Extension(
             "drbot.engines.postgres._rowsum",
             ["drbot/engines/postgres/_rowsum.c"],
-            extra_compile_args=["-O2"],
+            # No debug info: it records the build directory, and image.sh builds in a fresh
+            # temporary one, so the wheel (and Docker's cached layer) would change every time.
+            extra_compile_args=["-O2", "-g0"],
             optional=True,
         )
     ]

@@ -19,7 +19,7 @@ done
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_pkgs+=(python3-venv)
 # The fingerprint's C loop (setup.py): a compiler, Python's headers and xxhash.h. Optional to
 # drbot (it falls back to Python), not to this setup: logical backups run at half speed without.
-command -v cc >/dev/null || need_pkgs+=(gcc libc6-dev)
+command -v gcc >/dev/null || need_pkgs+=(gcc libc6-dev)
 python3 -c 'import os, sysconfig; os.stat(sysconfig.get_paths()["include"] + "/Python.h")' \
     2>/dev/null || need_pkgs+=(python3-dev)
 [ -f /usr/include/xxhash.h ] || need_pkgs+=(libxxhash-dev)
@@ -41,11 +41,14 @@ if [ ! -f "$stamp" ]; then
     .venv/bin/python -m pip install -q --disable-pip-version-check --require-hashes -r "$LOCK"
     .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
     rm -f .venv/.installed-*
-    touch "$stamp"
+    # Without the extension (its build is optional) no stamp: the next run builds it again.
+    if .venv/bin/python -c 'import drbot.engines.postgres._rowsum' 2>/dev/null; then
+        touch "$stamp"
+    else
+        echo "bootstrap: warning: drbot's C fingerprint loop did not build; logical backups" \
+            "will read pg_dump's rows in Python (slower)" >&2
+    fi
 fi
-.venv/bin/python -c 'import drbot.engines.postgres._rowsum' 2>/dev/null \
-    || echo "bootstrap: warning: drbot's C fingerprint loop did not build; logical backups" \
-        "will read pg_dump's rows in Python (slower)" >&2
 # Every drbot command starts a Python process; without compiled modules (an editable install
 # has none, and PYTHONDONTWRITEBYTECODE may forbid writing them) each start compiles drbot
 # again, a quarter of a second. Cheap when nothing changed.

@@ -524,15 +524,12 @@ def test_the_c_extension_stops_where_python_takes_over() -> None:
     sum_rows, max_row = archive._SUM_ROWS, archive._FAST_MAX_ROW
     rows = [b"a", b"", b"b" * 300]
     chunks = b"".join(_int(len(r) + 1) + r + b"\n" for r in rows)
-    total = sum(map(xxhash.xxh3_128_intdigest, rows)) & MASK
     whole = len(chunks)
 
     def stop(data: bytes, pos: int = 0) -> tuple[int, int, int]:
         end, n, high, low, state = sum_rows(bytearray(data), pos, max_row)
-        assert high >> 64 == 0
-        assert low >> 64 == 0
-        if n == len(rows):
-            assert high << 64 | low == total
+        assert high << 64 | low == sum(map(xxhash.xxh3_128_intdigest, rows[:n])) & MASK
+        assert sum_rows(data, pos, max_row) == (end, n, high, low, state)  # bytes alike
         return end, n, state
 
     from drbot.engines.postgres import _rowsum
@@ -551,6 +548,27 @@ def test_the_c_extension_stops_where_python_takes_over() -> None:
     assert stop(chunks, whole) == (whole, 0, need_more)
     with pytest.raises(ValueError, match="outside"):
         stop(chunks, whole + 1)
+    with pytest.raises(ValueError, match="negative"):
+        sum_rows(chunks, 0, -1)
+    # Past 64 KiB the GIL is released while summing: the same result.
+    many = [f"{i}\t{'w' * (i % 50)}".encode() for i in range(5000)]
+    data = bytearray(b"".join(_int(len(r) + 1) + r + b"\n" for r in many))
+    assert len(data) > 65536
+    end, n, high, low, state = sum_rows(data, 0, max_row)
+    assert (end, n, state) == (len(data), len(many), need_more)
+    assert high << 64 | low == sum(map(xxhash.xxh3_128_intdigest, many)) & MASK
+
+
+def test_backups_made_with_sha256_are_checked_with_sha256() -> None:
+    # The old row checksum never takes the C path (it sums XXH3 only).
+    rows = _awkward_rows()
+    fp = ArchiveFingerprinter("test", alg=SHA256_128)
+    fp.feed(_pg_archive(rows))
+    result = fp.result()
+    assert result is not None
+    table = result.tables["public.orders"]
+    assert (table.rows, table.checksum) == (len(rows), _expected_sum(rows, SHA256_128))
+    assert table.alg == SHA256_128
 
 
 def test_headers_holding_newline_and_zero_bytes() -> None:
@@ -581,7 +599,14 @@ def test_a_row_longer_than_a_read_is_walked(monkeypatch: pytest.MonkeyPatch) -> 
     rows = [b"0\tsmall", big, b"2\tafter"]
     data = _pg_archive(rows)
     expected = _pg_expected(rows)
-    assert _fingerprint(data, [1 << 16] * (len(data) // (1 << 16) + 1)) == expected
+    piece = 1 << 16
+    fp, held = ArchiveFingerprinter("test"), 0
+    for at in range(0, len(data), piece):
+        fp.feed(data[at : at + piece])
+        held = max(held, len(fp._buf))
+    assert fp.result() == expected
+    # Walked as it arrives, not gathered whole before it is read.
+    assert held < 4 * piece
     # Not split again each time a piece of it arrives (that would be quadratic).
     assert sum(splits.sizes) < 2 * len(data)
     assert _fingerprint(data) == expected

@@ -9,8 +9,8 @@
  * wholly in the buffer. The Python reader defines the result; this only computes it faster,
  * and the unit tests compare the two on well-formed and damaged archives.
  *
- * The buffer is read with the GIL released (the other pipeline threads run meanwhile); the
- * caller owns the bytearray and does not resize it during the call.
+ * The buffer is read with the GIL released when there is enough of it (the other pipeline
+ * threads run meanwhile); the buffer export keeps the bytearray from being resized meanwhile.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -19,8 +19,14 @@
 
 #define XXH_INLINE_ALL
 #include <xxhash.h>
+#if XXH_VERSION_NUMBER < 800
+#error "xxhash 0.8.0 or later is needed: XXH3's output was not final before"
+#endif
 
 #define CHUNK_HEAD 5
+/* Below this much input the GIL is kept: a read holding thousands of tiny tables makes a call
+ * per table, and taking the GIL back can wait for another thread's switch interval each time. */
+#define RELEASE_GIL_BYTES 65536
 
 /* Why the walk stopped (the fourth item returned). */
 enum { NEED_MORE = 0, WALK = 1, NOT_A_ROW = 2 };
@@ -32,9 +38,9 @@ sum_rows(PyObject *module, PyObject *args)
     Py_ssize_t pos, max_row;
     if (!PyArg_ParseTuple(args, "y*nn", &view, &pos, &max_row))
         return NULL;
-    if (pos < 0 || pos > view.len) {
+    if (pos < 0 || pos > view.len || max_row < 0) {
         PyBuffer_Release(&view);
-        PyErr_SetString(PyExc_ValueError, "pos outside the buffer");
+        PyErr_SetString(PyExc_ValueError, "pos outside the buffer, or a negative max_row");
         return NULL;
     }
     const unsigned char *buf = view.buf;
@@ -42,7 +48,7 @@ sum_rows(PyObject *module, PyObject *args)
     uint64_t rows = 0, lo = 0, hi = 0;
     int state;
 
-    Py_BEGIN_ALLOW_THREADS
+    PyThreadState *released = size - pos >= RELEASE_GIL_BYTES ? PyEval_SaveThread() : NULL;
     for (;;) {
         if (size - pos < CHUNK_HEAD) {
             state = NEED_MORE;
@@ -75,7 +81,8 @@ sum_rows(PyObject *module, PyObject *args)
         rows++;
         pos += CHUNK_HEAD + (Py_ssize_t)len;
     }
-    Py_END_ALLOW_THREADS
+    if (released != NULL)
+        PyEval_RestoreThread(released);
 
     PyBuffer_Release(&view);
     return Py_BuildValue("nKKKi", pos, (unsigned long long)rows, (unsigned long long)hi,

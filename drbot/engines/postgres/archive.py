@@ -55,7 +55,7 @@ import xxhash
 
 from drbot.engines.base import Fingerprint, TableFingerprint
 
-_SumRows = Callable[[bytearray, int, int], tuple[int, int, int, int, int]]
+_SumRows = Callable[[bytes | bytearray, int, int], tuple[int, int, int, int, int]]
 try:
     from drbot.engines.postgres import _rowsum
 except ImportError:  # built without a C compiler or xxhash.h (setup.py): rows split in Python
