@@ -12,6 +12,7 @@ it was found.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -384,10 +385,9 @@ def execute_mongo_restore(
     try:
         loader = DumpLoader(client, covers)
         for rec in plan.dumps:
-            loader.load(
-                _counted(read_artifact(storage, rec, copy.data_key), rec, progress),
-                f"{copy.destination}:{rec.key}",
-            )
+            # Closed on every way out, so the reading thread stops even when the load failed.
+            with contextlib.closing(read_artifact(storage, rec, copy.data_key)) as chunks:
+                loader.load(_counted(chunks, rec, progress), f"{copy.destination}:{rec.key}")
         actual = target.fingerprint(client, uri, plan.expected.tables)
         mismatches = compare_fingerprints(plan.expected, actual)
         if mismatches:
@@ -399,14 +399,12 @@ def execute_mongo_restore(
             )
         replayer = Replayer(exact, covers, plan.selection.whole)
         if plan.changes is not None:
-            own = iter_changes(
-                read_artifact(storage, plan.changes, copy.data_key),
-                f"{copy.destination}:{plan.changes.key}",
-            )
-            replayer.fuzzy, replayer.schema = True, loader
-            for g in group(archive.decode(e) for e in own):
-                replayer.apply_group(g)
-            replayer.fuzzy, replayer.schema = False, None
+            with contextlib.closing(read_artifact(storage, plan.changes, copy.data_key)) as raw:
+                own = iter_changes(raw, f"{copy.destination}:{plan.changes.key}")
+                replayer.fuzzy, replayer.schema = True, loader
+                for g in group(archive.decode(e) for e in own):
+                    replayer.apply_group(g)
+                replayer.fuzzy, replayer.schema = False, None
         loader.finish()
         reached = plan.consistent_time
         if plan.slices:

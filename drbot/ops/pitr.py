@@ -364,8 +364,9 @@ def unpack_base(
         rec = copy.manifest.artifact("base.tar")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(mode=0o700, parents=True)
-        # Reading, authenticating and decompressing in a thread of their own overlaps them
-        # with writing the files (zstd and the file writes release the GIL).
+        # Decompressing in a thread of its own (reading and authenticating in another, inside
+        # read_artifact) overlaps them with writing the files (zstd and the writes release
+        # the GIL).
         chunks = prefetch(read_artifact(storages[name], rec, copy.data_key), depth=8)
         extractor = TarExtractor(staging)
         try:

@@ -9,6 +9,7 @@ corrupt, and compares the restored data with the fingerprint recorded at backup 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -276,13 +277,17 @@ def _load(
     for rec in records:
         if rec.name not in wanted:
             continue
-        chunks = read_artifact(storage, rec, copy.data_key)
-        if progress is not None:
-            chunks = _report(chunks, rec.name, progress)
-        if rec.kind == "pg_globals":
-            warnings += engine.apply_globals(chunks, target_uri)
-        else:
-            engine.load(rec.kind, chunks, target_uri, replace=plan.replace, no_owner=plan.no_owner)
+        # Closed on every way out, so the reading thread stops even when the load failed.
+        with contextlib.closing(read_artifact(storage, rec, copy.data_key)) as read:
+            chunks: Iterable[bytes] = read
+            if progress is not None:
+                chunks = _report(chunks, rec.name, progress)
+            if rec.kind == "pg_globals":
+                warnings += engine.apply_globals(chunks, target_uri)
+            else:
+                engine.load(
+                    rec.kind, chunks, target_uri, replace=plan.replace, no_owner=plan.no_owner
+                )
     return warnings
 
 

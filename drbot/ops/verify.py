@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -65,10 +66,11 @@ def _check_copy(
     checked = 0
     for rec in copy.manifest.artifacts:
         try:
-            for chunk in read_artifact(storage, rec, copy.data_key):
-                nbytes += len(chunk)
-                if progress is not None:
-                    progress(copy.destination, rec.name, nbytes)
+            with contextlib.closing(read_artifact(storage, rec, copy.data_key)) as chunks:
+                for chunk in chunks:
+                    nbytes += len(chunk)
+                    if progress is not None:
+                        progress(copy.destination, rec.name, nbytes)
             checked += 1
         except StorageUnavailable as exc:
             # Not a finding about the data: the copy could not be read at all.

@@ -68,7 +68,10 @@ def prefetch(
         stop.set()
         if cancel is not None and not ended:
             cancel()
-        while thread.is_alive():
-            with contextlib.suppress(queue.Empty):
-                q.get(timeout=0.1)
-        thread.join()
+        # Closed from the producer itself (a garbage collection that ran there): it cannot
+        # wait for itself, and it stops as soon as it returns to its loop.
+        if thread is not threading.current_thread():
+            while thread.is_alive():
+                with contextlib.suppress(queue.Empty):
+                    q.get(timeout=0.1)
+            thread.join()

@@ -6,10 +6,10 @@ backup writes it (zstd, then the encrypted stream).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,26 +81,48 @@ def test_round_trip(tmp_path: Path) -> None:
 
 def test_a_consumer_that_stops_early_stops_the_reading_thread(tmp_path: Path) -> None:
     storage, rec = _store(tmp_path, _plain(32 << 20))  # 16 MiB stored: 4x what is read ahead
-    before = threading.active_count()
+    before = set(threading.enumerate())
     chunks = read_artifact(storage, rec, DATA_KEY)
     assert next(chunks)
-    assert threading.active_count() == before + 1
-    chunks.close()
-    assert storage.closed.wait(5), "the destination's reader was never closed"
-    deadline = time.monotonic() + 5
-    while threading.active_count() > before and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert threading.active_count() == before
+    started = [t for t in set(threading.enumerate()) - before if t.name == "prefetch"]
+    assert len(started) == 1  # reading ahead, blocked on its full queue
+    chunks.close()  # returns once the thread has stopped
+    assert storage.closed.is_set(), "the destination's reader was not closed"
+    assert not started[0].is_alive()
 
 
-def test_a_changed_object_fails_naming_it_and_yields_no_complete_stream(tmp_path: Path) -> None:
-    plain = _plain(3 << 20)
-    storage, rec = _store(tmp_path, plain)
+def test_a_changed_object_fails_naming_it(tmp_path: Path) -> None:
+    storage, rec = _store(tmp_path, _plain(3 << 20))
     path = storage.root / KEY
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 1
     path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityFailure, match=f"^d:{KEY}: .*authentication"):
+        for _chunk in read_artifact(storage, rec, DATA_KEY):
+            pass
+
+
+@pytest.mark.parametrize(
+    ("sha256", "recorded_minus_stored", "problem"),
+    [
+        ("0" * 64, 0, "SHA-256 .* does not match the manifest"),
+        (None, 1, r"\d+ bytes, the manifest records"),
+        (None, -1, "longer than the"),
+    ],
+)
+def test_an_object_unlike_its_record_never_yields_the_whole_plaintext(
+    tmp_path: Path, sha256: str | None, recorded_minus_stored: int, problem: str
+) -> None:
+    """The object authenticates, but its size or SHA-256 is not what the manifest records: the
+    check fails before the last frame is released, so a consumer never sees a whole stream."""
+    plain = _plain(3 << 20)
+    storage, rec = _store(tmp_path, plain)
+    rec = dataclasses.replace(
+        rec,
+        sha256=sha256 or rec.sha256,
+        size_bytes=rec.size_bytes + recorded_minus_stored,
+    )
     got: list[int] = []
-    with pytest.raises(IntegrityFailure, match=f"^d:{KEY}: "):
+    with pytest.raises(IntegrityFailure, match=f"^d:{KEY}: {problem}"):
         got.extend(map(len, read_artifact(storage, rec, DATA_KEY)))
     assert sum(got) < len(plain)

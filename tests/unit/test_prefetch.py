@@ -51,3 +51,31 @@ def test_cancel_is_not_called_when_the_source_finished() -> None:
     calls: list[int] = []
     assert list(prefetch(iter([1, 2, 3]), cancel=lambda: calls.append(1))) == [1, 2, 3]
     assert calls == []
+
+
+@pytest.mark.timeout(30)
+def test_closed_from_its_own_producer_thread_it_does_not_wait_for_itself() -> None:
+    """A garbage collection can finalize the generator in the producer's thread: closing must
+    not spin waiting for the thread it runs in."""
+    holder: list[Iterator[int]] = []
+    closed_in: list[str] = []
+    received = threading.Event()
+
+    def source() -> Iterator[int]:
+        yield 1
+        assert received.wait(10)  # the consumer's generator is suspended, not running
+        gen = holder[0]
+        assert hasattr(gen, "close")
+        gen.close()  # from the producer thread, as a collection there would
+        closed_in.append(threading.current_thread().name)
+        yield 2
+
+    gen = prefetch(source(), depth=1)
+    holder.append(gen)
+    assert next(gen) == 1
+    received.set()
+    deadline = time.monotonic() + 10
+    while not closed_in and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert closed_in == ["prefetch"]
+    assert list(gen) == []  # closed: nothing more
