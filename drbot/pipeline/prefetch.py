@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import queue
 import threading
+import time
 from collections.abc import Callable, Generator, Iterable
 from typing import TypeVar
 
 T = TypeVar("T")
 _END = object()
+# How long an interrupted consumer waits for the producer to stop before leaving it behind.
+_INTERRUPTED_WAIT_S = 1.0
 
 
 class _Failure:
@@ -27,6 +31,11 @@ def prefetch(
     behind it is killed rather than left running. A producer blocked inside `source` (a dump
     waiting on a lock, writing nothing) cannot see that; `cancel` is called first to unblock
     it (e.g. by killing the dump process).
+
+    The consumer waits for the producer to stop, except when it is interrupted (Ctrl-C,
+    SIGTERM) while waiting for an item: then it waits at most a second, so a producer stuck in
+    a stalled read (up to the storage's read timeout) does not hold up the cleanup behind the
+    interrupt; the producer, a daemon thread, stops and closes `source` once the read returns.
     """
     q: queue.Queue[object] = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -54,9 +63,14 @@ def prefetch(
     thread = threading.Thread(target=produce, name="prefetch", daemon=True)
     thread.start()
     ended = False  # the producer reported its end (or failure): nothing to cancel
+    interrupted = False
     try:
         while True:
-            item = q.get()
+            try:
+                item = q.get()
+            except BaseException:  # KeyboardInterrupt or SystemExit, from a signal handler
+                interrupted = True
+                raise
             if item is _END:
                 ended = True
                 return
@@ -71,7 +85,7 @@ def prefetch(
         # Closed from the producer itself (a garbage collection that ran there): it cannot
         # wait for itself, and it stops as soon as it returns to its loop.
         if thread is not threading.current_thread():
-            while thread.is_alive():
+            deadline = time.monotonic() + _INTERRUPTED_WAIT_S if interrupted else math.inf
+            while thread.is_alive() and time.monotonic() < deadline:
                 with contextlib.suppress(queue.Empty):
                     q.get(timeout=0.1)
-            thread.join()

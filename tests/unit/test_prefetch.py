@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -79,3 +81,38 @@ def test_closed_from_its_own_producer_thread_it_does_not_wait_for_itself() -> No
         time.sleep(0.01)
     assert closed_in == ["prefetch"]
     assert list(gen) == []  # closed: nothing more
+
+
+@pytest.mark.timeout(30)
+def test_an_interrupt_does_not_wait_for_a_producer_stuck_in_its_source() -> None:
+    """Ctrl-C during a stalled read: the consumer gets KeyboardInterrupt within about a second
+    (not after the storage's read timeout); the producer stops and closes its source once the
+    read returns."""
+    stalled = threading.Event()
+    release = threading.Event()
+    closed = threading.Event()
+
+    def source() -> Iterator[int]:
+        try:
+            yield 1
+            stalled.set()
+            release.wait(20)  # a read that hangs
+            yield 2
+        finally:
+            closed.set()
+
+    def interrupt() -> None:
+        stalled.wait(10)
+        time.sleep(0.1)  # the consumer is waiting in the queue by now
+        os.kill(os.getpid(), signal.SIGINT)
+
+    gen = prefetch(source(), depth=1)
+    assert next(gen) == 1
+    threading.Thread(target=interrupt, daemon=True).start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        next(gen)
+    assert time.monotonic() - started < 5
+    assert not closed.is_set()  # still inside its read
+    release.set()
+    assert closed.wait(10)
