@@ -74,7 +74,7 @@ class Problem:
 class CatalogScan:
     """What the destinations hold for one policy."""
 
-    backups: list[BackupEntry]
+    backups: list[BackupEntry]  # oldest first, by start time
     incomplete: list[Incomplete]
     problems: list[Problem]
     unreachable: dict[str, StorageUnavailable]
@@ -173,5 +173,11 @@ def scan_catalog(policy: str, storages: Sequence[Storage], keys: KeyProvider) ->
                 )
                 continue
             copies.setdefault(backup_id, []).append(Copy(storage.name, manifest, data_key))
-    backups = [BackupEntry(bid, tuple(cs)) for bid, cs in sorted(copies.items())]
+    # Oldest first by start time: ids sort by it only to the second, and two backups started
+    # in the same second would otherwise be ordered by their random suffixes (so "the newest"
+    # that restore picks could be the older one, and differ from retention's).
+    backups = sorted(
+        (BackupEntry(bid, tuple(cs)) for bid, cs in copies.items()),
+        key=lambda b: (b.manifest.started_at, b.backup_id),
+    )
     return CatalogScan(backups, incomplete, problems, unreachable)

@@ -392,3 +392,19 @@ def test_a_failed_backup_stops_every_dump_the_engine_started(keys: FileKeyProvid
     with pytest.raises(DatabaseError):
         run_backup(SETTINGS, engine, _stores(), keys, FakeClock())
     assert sorted(_CancelNotedDump.cancelled) == ["db/a.pgdump", "db/b.pgdump", "globals.sql"]
+
+
+def test_backups_started_within_one_second_are_listed_in_the_order_they_started(
+    keys: FileKeyProvider,
+) -> None:
+    """Ids name the second only; the catalog (and so `list` and restore's "newest") orders by
+    the start time, not by the ids' random suffixes."""
+    stores = _stores()
+    clock = FakeClock()
+    ids = []
+    for _ in range(6):
+        engine = FakeEngine({"shop": _data(5000)})
+        ids.append(run_backup(SETTINGS, engine, stores, keys, clock).backup_id)
+        clock.advance(0.1)
+    assert len({backup_id.split("-")[0] for backup_id in ids}) == 1  # all in one second
+    assert [b.backup_id for b in scan_catalog("shop", stores, keys).backups] == ids
