@@ -641,11 +641,23 @@ def test_a_last_chunk_without_a_newline() -> None:
 def test_other_shapes_are_split_once_not_at_every_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
     splits = _CountingSplit()
     monkeypatch.setattr(archive, "_ROW_END", splits)
+    calls: list[int] = []  # of the C extension, where it is used
+    sum_rows = archive._SUM_ROWS
+    if sum_rows is not None:
+
+        def counting(
+            buf: bytes | bytearray, pos: int, max_row: int
+        ) -> tuple[int, int, int, int, int]:
+            calls.append(pos)
+            return sum_rows(buf, pos, max_row)
+
+        monkeypatch.setattr(archive, "_SUM_ROWS", counting)
     rows = [f"{i}\tr".encode() for i in range(4000)]
     pairs = [rows[i] + b"\n" + rows[i + 1] + b"\n" for i in range(0, len(rows), 2)]
     data = _replace_block(_pg_archive([]), [*pairs, b"\\.\n\n\n"])
     assert _fingerprint(data) == _pg_expected(rows)
     assert len(splits.sizes) <= 4
+    assert len(calls) <= 4  # nor handed to C again at every chunk
 
 
 @settings(max_examples=150, deadline=None)
